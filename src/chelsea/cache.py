@@ -1,0 +1,248 @@
+"""A transformers ``Cache`` whose layers keep clustered keys, values and per-entry log-counts.
+
+Life of one layer during ``model.generate``:
+
+1. ``update`` appends the new tokens' keys and values (log-count 0 each) and returns the whole
+   stored sequence. The returned key tensor carries a reference to the layer, which is how the
+   ``"chelsea"`` attention function (:mod:`chelsea.attention`) finds the log-counts.
+2. The attention function marks padding of the new tokens (log-count ``-inf``), attends with the
+   log-count bias, then calls ``after_attention``.
+3. ``after_attention`` clusters the layer down to its budget right after a prefill (any forward of
+   more than one token) and, while decoding, once ``compress_every`` tokens have arrived since the
+   last clustering.
+
+``get_seq_length`` keeps returning the number of tokens seen (padding included, like
+``DynamicCache``), not the number stored, so positions and RoPE stay right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import CompressionConfig
+from .errors import ChelseaError
+from .methods.chelsea import chunked_soft_matching
+
+NOT_CLUSTERED_ATTENTION = (
+    "the clustered cache was used by an attention function other than 'chelsea', so its entries cannot be weighted. "
+    "Call chelsea.prepare_model(model) (or model.set_attn_implementation('chelsea') after chelsea.register()) "
+    "before generating."
+)
+
+
+class ClusteredLayer(CacheLayerMixin):
+    """One layer's clustered keys ``[batch, kv_heads, entries, head_dim]``, values and log-counts."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: CompressionConfig, compressor: Callable = chunked_soft_matching):
+        super().__init__()
+        self.config = config
+        self.compressor = compressor
+        self.log_counts: torch.Tensor | None = None
+        self.seen = 0
+        self.since_compression = 0
+        self.new_tokens = 0
+        self.has_padding = False
+        self.has_merged = False
+        self.awaiting_attention = False
+        self.compressions = 0
+        self.skipped_compressions = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.log_counts = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_attention:
+            raise ChelseaError(NOT_CLUSTERED_ATTENTION)
+        new = key_states.shape[2]
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.log_counts = torch.cat([self.log_counts, self.log_counts.new_zeros(key_states.shape[:3])], dim=2)
+        self.seen += new
+        self.since_compression += new
+        self.new_tokens = new
+        self.awaiting_attention = True
+        self.keys._chelsea_layer = self
+        return self.keys, self.values
+
+    # Called by the attention function -------------------------------------------------------
+
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """Give padding among the newest tokens log-count ``-inf``: never attended, never merged."""
+        if bool(new_valid.all()):
+            return
+        tail = self.log_counts[:, :, -new_valid.shape[1] :]
+        tail.masked_fill_(~new_valid.to(tail.device)[:, None, :], float("-inf"))
+        self.has_padding = True
+
+    def attention_log_counts(self) -> torch.Tensor | None:
+        """The bias for attention, or ``None`` while every stored entry is one real token."""
+        return self.log_counts if (self.has_padding or self.has_merged) else None
+
+    def after_attention(self) -> None:
+        self.awaiting_attention = False
+        if self.new_tokens > 1 or self.since_compression >= self.config.compress_every:
+            self.compress()
+
+    # Clustering ------------------------------------------------------------------------------
+
+    def tokens_per_row(self) -> torch.Tensor:
+        """Real tokens seen by each batch row: the sum of counts (the same for every head)."""
+        return self.log_counts[:, 0].exp().sum(-1).round().long()
+
+    def compress(self) -> None:
+        """Cluster every batch row down to its budget, ``config.budget(tokens seen by the row)``."""
+        self.since_compression = 0
+        if self.keys.shape[2] == 0:
+            return
+        if not self.has_padding:
+            tokens = int(self.tokens_per_row()[0])
+            n_remove = self.keys.shape[2] - self.config.budget(tokens)
+            if n_remove <= 0:
+                self.skipped_compressions += 1
+                return
+            before = self.keys.shape[2]
+            self.keys, self.values, self.log_counts = self._run(self.keys, self.values, self.log_counts, n_remove)
+            self._record(before - self.keys.shape[2])
+            return
+        self._compress_padded()
+
+    def _run(self, keys, values, log_counts, n_remove):
+        cfg = self.config
+        return self.compressor(
+            keys, values, log_counts, n_remove, chunk_size=cfg.chunk_size, sink_tokens=cfg.sink_tokens, window=cfg.window
+        )
+
+    def _record(self, removed: int) -> None:
+        if removed > 0:
+            self.compressions += 1
+            self.has_merged = True
+        else:
+            self.skipped_compressions += 1
+
+    def _compress_padded(self) -> None:
+        """Rows with padding: cluster each row's real entries alone, then left-pad to one length."""
+        valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
+        rows = []
+        removed = 0
+        for b in range(self.keys.shape[0]):
+            idx = valid[b].nonzero().squeeze(-1)
+            k, v, lc = (t[b : b + 1].index_select(2, idx) for t in (self.keys, self.values, self.log_counts))
+            n_remove = k.shape[2] - self.config.budget(int(lc[:, 0].exp().sum().round()))
+            if n_remove > 0:
+                before = k.shape[2]
+                k, v, lc = self._run(k, v, lc, n_remove)
+                removed = max(removed, before - k.shape[2])
+            rows.append((k, v, lc))
+        length = max(r[0].shape[2] for r in rows)
+
+        def left_pad(x: torch.Tensor, fill: float) -> torch.Tensor:
+            pad = length - x.shape[2]
+            if pad == 0:
+                return x
+            shape = (*x.shape[:2], pad, *x.shape[3:])
+            return torch.cat([x.new_full(shape, fill), x], dim=2)
+
+        self.keys = torch.cat([left_pad(r[0], 0.0) for r in rows])
+        self.values = torch.cat([left_pad(r[1], 0.0) for r in rows])
+        self.log_counts = torch.cat([left_pad(r[2], float("-inf")) for r in rows])
+        self._record(removed)
+
+    # Cache contract ---------------------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.config, self.compressor)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.log_counts = (
+                t.index_select(0, index.to(t.device)) for t in (self.keys, self.values, self.log_counts)
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.log_counts = (
+                t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.log_counts)
+            )
+
+    # Accounting -----------------------------------------------------------------------------
+
+    def stored_entries(self) -> torch.Tensor:
+        """Real (non-padding) entries stored per batch row and KV head, ``[batch, kv_heads]``."""
+        return (self.log_counts > float("-inf")).sum(-1)
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds: keys, values and log-counts (padding slots included)."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.log_counts))
+
+    def full_nbytes(self) -> int:
+        """Bytes a plain ``DynamicCache`` layer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads = self.keys.shape[:2]
+        per_token = (self.keys.shape[3] * self.keys.element_size()) + (self.values.shape[3] * self.values.element_size())
+        return batch * heads * self.seen * per_token
+
+
+class ClusteredCache(Cache):
+    """KV cache clustered with Chelsea's chunked soft matching; pass it as ``past_key_values``.
+
+    Example::
+
+        cache = ClusteredCache(ratio=0.8)          # keep 20% of the KV entries
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+        cache.stats()
+
+    The model must use the ``"chelsea"`` attention (see :func:`chelsea.prepare_model`).
+    """
+
+    def __init__(self, config: CompressionConfig | None = None, *, compressor: Callable = chunked_soft_matching, **knobs):
+        if config is not None and knobs:
+            raise ChelseaError(f"pass either a CompressionConfig or keyword settings, not both (got {sorted(knobs)})")
+        self.config = config if config is not None else CompressionConfig(**knobs)
+        super().__init__(layer_class_to_replicate=partial(ClusteredLayer, self.config, compressor))
+
+    def stats(self) -> dict:
+        """What the cache holds now, averaged over layers (entries also over rows and KV heads)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return {"tokens_seen": 0, "kv_entries": 0.0, "kv_bytes": 0, "kv_bytes_full": 0, "compressed": False}
+        entries = torch.stack([layer.stored_entries().float().mean() for layer in layers]).mean().item()
+        return {
+            "tokens_seen": layers[0].seen,
+            "kv_entries": round(entries, 2),
+            "kv_bytes": sum(layer.nbytes() for layer in layers),
+            "kv_bytes_full": sum(layer.full_nbytes() for layer in layers),
+            "compressed": any(layer.has_merged for layer in layers),
+            "clusterings": sum(layer.compressions for layer in layers),
+        }

@@ -1,0 +1,57 @@
+"""The knobs of KV-cache compression, checked once so every entry point reports bad values alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import ChelseaError
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How much to compress and what to protect.
+
+    Attributes:
+        ratio: fraction of the KV cache removed, in [0, 1). 0.8 keeps 20% of the entries. The budget
+            of a sequence that has seen ``n`` tokens is ``ceil((1 - ratio) * n)`` entries per layer and
+            KV head (never below ``sink_tokens + window``, which are always kept).
+        chunk_size: consecutive entries searched together for matches (C in the paper). Larger
+            chunks find better matches at O(C) more work per entry. At least 2.
+        sink_tokens: first tokens of the sequence that are never merged (attention sinks).
+        window: most recent tokens that are never merged; also keeps a question at the end of a
+            prompt exact.
+        compress_every: during decoding, cluster again once this many new tokens have arrived
+            since the last clustering. Between clusterings the cache holds at most this many
+            entries above budget. The default equals ``chunk_size``.
+    """
+
+    ratio: float = 0.5
+    chunk_size: int = 32
+    sink_tokens: int = 4
+    window: int = 64
+    compress_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
+            raise ChelseaError(
+                f"ratio must be in [0, 1): the fraction of the KV cache removed (0.8 keeps 20%); got {self.ratio!r}"
+            )
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 2:
+            raise ChelseaError(f"chunk_size must be an integer >= 2; got {self.chunk_size!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ChelseaError(f"sink_tokens must be an integer >= 0; got {self.sink_tokens!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ChelseaError(f"window must be an integer >= 0; got {self.window!r}")
+        if self.compress_every is None:
+            object.__setattr__(self, "compress_every", self.chunk_size)
+        elif not isinstance(self.compress_every, int) or self.compress_every < 1:
+            raise ChelseaError(f"compress_every must be an integer >= 1; got {self.compress_every!r}")
+
+    def budget(self, tokens: int) -> int:
+        """Entries to keep for a sequence of ``tokens`` tokens."""
+        keep = math.ceil(round((1.0 - self.ratio) * tokens, 6))  # round first: 0.3 * 10 is 3.0000000000000004
+        return min(tokens, max(keep, self.sink_tokens + self.window))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
