@@ -123,7 +123,14 @@ class ClusteredLayer(CacheLayerMixin):
     def _run(self, keys, values, log_counts, n_remove):
         cfg = self.config
         return self.compressor(
-            keys, values, log_counts, n_remove, chunk_size=cfg.chunk_size, sink_tokens=cfg.sink_tokens, window=cfg.window
+            keys,
+            values,
+            log_counts,
+            n_remove,
+            chunk_size=cfg.chunk_size,
+            sink_tokens=cfg.sink_tokens,
+            window=cfg.window,
+            step_fraction=cfg.step_fraction,
         )
 
     def _record(self, removed: int) -> None:

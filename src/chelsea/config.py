@@ -21,6 +21,10 @@ class CompressionConfig:
         sink_tokens: first tokens of the sequence that are never merged (attention sinks).
         window: most recent tokens that are never merged; also keeps a question at the end of a
             prompt exact.
+        step_fraction: the largest share of set A (about half the region) one merge step may
+            merge; steps repeat on the shrunk sequence until the budget is met. Merging everything
+            in one step pairs up dissimilar neighbours (a pass key's digits, say); 0.5 keeps only
+            the most similar half of the edges per step. In (0, 1].
         compress_every: during decoding, cluster again once this many new tokens have arrived
             since the last clustering. Between clusterings the cache holds at most this many
             entries above budget. The default equals ``chunk_size``.
@@ -30,6 +34,7 @@ class CompressionConfig:
     chunk_size: int = 32
     sink_tokens: int = 4
     window: int = 64
+    step_fraction: float = 0.5
     compress_every: int | None = None
 
     def __post_init__(self) -> None:
@@ -43,6 +48,8 @@ class CompressionConfig:
             raise ChelseaError(f"sink_tokens must be an integer >= 0; got {self.sink_tokens!r}")
         if not isinstance(self.window, int) or self.window < 0:
             raise ChelseaError(f"window must be an integer >= 0; got {self.window!r}")
+        if not isinstance(self.step_fraction, (int, float)) or not 0.0 < float(self.step_fraction) <= 1.0:
+            raise ChelseaError(f"step_fraction must be in (0, 1]; got {self.step_fraction!r}")
         if self.compress_every is None:
             object.__setattr__(self, "compress_every", self.chunk_size)
         elif not isinstance(self.compress_every, int) or self.compress_every < 1:

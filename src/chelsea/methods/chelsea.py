@@ -19,8 +19,11 @@ One merge step, per (row, head):
    counts, log-count = log(sum of counts). The merged A entries are removed; the centroid sits at
    B's place, so the sequence order of what remains is preserved.
 
-A step removes at most all of A, so at most about half the region; :func:`chunked_soft_matching`
-repeats steps until the requested number of entries is gone or nothing is left to merge.
+A step removes at most all of A, so at most about half the region. :func:`chunked_soft_matching`
+lets one step merge at most ``step_fraction`` of A (0.5 by default) and repeats steps on the
+shrunk sequence until the requested number of entries is gone or nothing is left to merge. On
+SmolLM2-135M with a pass key in 1.9K tokens of filler, one all-of-A step lost the key at ratio 0.5
+(0 of 8 prompts; neighbouring digits get averaged) while half-steps kept it (8 of 8 at 0.5 and 0.8).
 
 Choices the paper leaves open, made here:
 - A trailing partial chunk is used as it is (its own A/B split); it is not dropped or padded in.
@@ -127,8 +130,12 @@ def chunked_soft_matching(
     chunk_size: int = 32,
     sink_tokens: int = 4,
     window: int = 64,
+    step_fraction: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Remove up to ``n_remove`` entries per (row, head) by repeated soft-matching steps.
+
+    A step merges at most ``step_fraction`` of set A (the most similar edges), then matches again
+    on the shrunk sequence; smaller fractions spend more steps and leave dissimilar entries alone.
 
     Sinks (the first ``sink_tokens``) and the recent ``window`` entries are returned bit-identical.
     Fewer than ``n_remove`` entries are removed only when the region between them has shrunk to a
@@ -150,7 +157,7 @@ def chunked_soft_matching(
     region = [t[:, :, start:end] for t in (keys, values, log_counts)]
     remaining = max(0, int(n_remove))
     while remaining > 0:
-        step = min(remaining, max_removable(region[0].shape[2], chunk_size))
+        step = min(remaining, math.ceil(step_fraction * max_removable(region[0].shape[2], chunk_size)))
         if step == 0:
             break
         region = list(soft_matching_step(*region, step, chunk_size))

