@@ -69,7 +69,7 @@ def weighted_attention(
     else:
         bias = log_counts.float()[:, :, None, :] + causal
         # A padding query still sees itself, so its (unused) output stays finite instead of NaN.
-        bias = bias.masked_fill((cols == rows)[None, None], 0.0)
+        bias = bias.masked_fill((cols == rows)[None, None] & bias.isneginf(), 0.0)
         if bias.shape[1] > 1 and groups > 1:
             bias = bias.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(

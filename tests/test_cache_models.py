@@ -1,0 +1,165 @@
+"""The clustered cache inside real transformers models (tiny, randomly initialised)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import chelsea
+from chelsea import ChelseaError, ClusteredCache, CompressionConfig, UnsupportedModelError
+from chelsea.support import check_model_config
+
+SMALL = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def tiny(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False))
+    else:
+        model = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None))
+    return model.to(dtype).eval()
+
+
+def _sdpa_copy(model):
+    ref = copy.deepcopy(model)  # a deep copy: the config object holds the attention implementation
+    ref.set_attn_implementation("sdpa")
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_ratio_zero_equals_full_cache(family):
+    """Prefill of a left-padded batch, then decode steps: logits equal the plain SDPA model's."""
+    model = chelsea.prepare_model(tiny(family))
+    ref = _sdpa_copy(model)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0  # second row is 45 tokens, left-padded
+    steps = torch.randint(0, 256, (2, 6))
+    cache, full = ClusteredCache(ratio=0.0, chunk_size=8, window=8), DynamicCache()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache).logits
+        want = ref(ids, attention_mask=mask, past_key_values=full).logits
+        valid = mask.bool()
+        torch.testing.assert_close(out[valid], want[valid], rtol=1e-4, atol=1e-5)
+        for t in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            out = model(steps[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits
+            want = ref(steps[:, t : t + 1], attention_mask=mask, past_key_values=full).logits
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == full.get_seq_length() == 76
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_generate_keeps_budget_counts_and_positions(ratio):
+    model = chelsea.prepare_model(tiny("llama"))
+    cfg = CompressionConfig(ratio=ratio, chunk_size=16, sink_tokens=4, window=16)
+    cache = ClusteredCache(cfg)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (1, 400))
+    new = 50
+    with torch.no_grad():
+        model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    seen = ids.shape[1] + new - 1  # the last generated token is never fed back
+    assert cache.get_seq_length() == seen
+    for layer in cache.layers:
+        torch.testing.assert_close(layer.log_counts.exp().sum(-1), torch.full((1, 2), float(seen)))
+        kv = layer.keys.nbytes + layer.values.nbytes
+        per_entry = kv // layer.keys.shape[2]
+        assert abs(kv - (1 - ratio) * layer.full_nbytes()) <= cfg.chunk_size * per_entry
+    stats = cache.stats()
+    assert stats["compressed"] and stats["tokens_seen"] == seen
+    assert stats["kv_bytes"] < (1 - ratio) * stats["kv_bytes_full"] + cfg.chunk_size * 1024 * len(cache.layers)
+
+
+def test_sinks_and_window_are_bit_identical_after_prefill():
+    model = chelsea.prepare_model(tiny("qwen2"))
+    cfg = CompressionConfig(ratio=0.8, chunk_size=8, sink_tokens=4, window=24)
+    cache, full = ClusteredCache(cfg), DynamicCache()
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=full)
+    for mine, ref in zip(cache.layers, full.layers):
+        assert mine.keys.shape[2] == cfg.budget(300)
+        for a, b in ((mine.keys, ref.keys), (mine.values, ref.values)):
+            assert torch.equal(a[:, :, :4], b[:, :, :4])
+            assert torch.equal(a[:, :, -24:], b[:, :, -24:])
+
+
+def test_padding_is_never_merged_and_batch_rows_match_single_runs():
+    """A left-padded batch gives each row the tokens it gets alone (float64, so no near-ties flip)."""
+    model = chelsea.prepare_model(tiny("mistral", torch.float64))
+    cfg = CompressionConfig(ratio=0.5, chunk_size=8, sink_tokens=2, window=8)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 256, (n,), generator=g) for n in (120, 75, 160)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    cache = ClusteredCache(cfg)
+    with torch.no_grad():
+        batch_out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+                                   min_new_tokens=12, do_sample=False, pad_token_id=0)
+        for i, p in enumerate(prompts):
+            single = model.generate(p[None], past_key_values=ClusteredCache(cfg), max_new_tokens=12,
+                                    min_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(batch_out[i, width:], single[0, len(p):]), f"row {i}"
+    for layer in cache.layers:
+        # Counts of each row add up to its own real tokens (its padding counted nowhere).
+        real = torch.tensor([len(p) + 11 for p in prompts], dtype=torch.float64)
+        torch.testing.assert_close(layer.log_counts.exp().sum(-1).double(), real[:, None].expand(-1, 2))
+
+
+def test_short_prompt_is_not_compressed():
+    model = chelsea.prepare_model(tiny("llama"))
+    cache = ClusteredCache(ratio=0.8, sink_tokens=4, window=64)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 50)), past_key_values=cache)
+    stats = cache.stats()
+    assert stats["compressed"] is False and stats["kv_entries"] == 50
+
+
+def test_cache_with_another_attention_gets_a_clear_error():
+    model = tiny("llama")
+    model.set_attn_implementation("sdpa")
+    cache = ClusteredCache(ratio=0.5)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 10)), past_key_values=cache)
+        with pytest.raises(ChelseaError, match="chelsea"):
+            model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (GPT2Config(), "not supported"),
+        (Gemma2Config(), "not supported"),
+        (MistralConfig(sliding_window=16, max_position_embeddings=1024), "sliding"),
+        (Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0, max_position_embeddings=1024), "sliding"),
+    ],
+)
+def test_unsupported_layouts_are_refused(config, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_model_config(config)
+
+
+def test_config_and_knobs_are_exclusive():
+    with pytest.raises(ChelseaError, match="either"):
+        ClusteredCache(CompressionConfig(), ratio=0.3)

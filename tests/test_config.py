@@ -1,0 +1,32 @@
+import pytest
+
+from chelsea import ChelseaError, CompressionConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"ratio": -0.1}, "ratio"),
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"chunk_size": 1}, "chunk_size"),
+        ({"sink_tokens": -1}, "sink_tokens"),
+        ({"window": -3}, "window"),
+        ({"step_fraction": 0.0}, "step_fraction"),
+        ({"compress_every": 0}, "compress_every"),
+    ],
+)
+def test_bad_values_name_the_argument(kwargs, name):
+    with pytest.raises(ChelseaError, match=name):
+        CompressionConfig(**kwargs)
+
+
+def test_budget():
+    cfg = CompressionConfig(ratio=0.8, sink_tokens=4, window=16)
+    assert cfg.budget(1000) == 200
+    assert cfg.budget(1001) == 201  # rounded up
+    assert cfg.budget(30) == 20  # never below sinks + window
+    assert cfg.budget(10) == 10  # never above the tokens seen
+    assert CompressionConfig(ratio=0.7, sink_tokens=0, window=0).budget(10) == 3
+    assert CompressionConfig(ratio=0.0).budget(500) == 500
+    assert CompressionConfig(chunk_size=16).compress_every == 16
