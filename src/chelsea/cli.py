@@ -106,11 +106,15 @@ def generate(
 @app.command()
 def demo(
     model: ModelOpt = DEFAULT_MODEL,
-    tokens: Annotated[int, typer.Option(help="Length of the context in tokens.")] = 2000,
+    tokens: Annotated[int, typer.Option(help="Length of each context in tokens.")] = 2000,
     ratios: Annotated[str, typer.Option(help="Comma-separated compression ratios to compare with the full cache.")] = "0.5,0.8",
-    depth: Annotated[float, typer.Option(help="Where the fact is hidden, 0 (start) to 1 (end).")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Picks the pass key and the haystack passage.")] = 0,
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files to hide the fact in [default: the project's shared haystack, else filler].")] = None,
+    samples: Annotated[int, typer.Option(help="Prompts to try (different keys, passages and depths).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample.")] = 0,
+    context: Annotated[
+        str,
+        typer.Option(help="filler: repetitive sentences (what SmolLM2-135M can search); haystack: long essays (use a larger model, e.g. qwen2.5-coder-0.5b)."),
+    ] = "filler",
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for --context haystack [default: the project's shared haystack].")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 12,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -126,38 +130,44 @@ def demo(
         ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError as err:
         raise ChelseaError(f"--ratios must be comma-separated numbers, e.g. 0.5,0.8; got {ratios!r}") from err
+    if samples < 1:
+        raise ChelseaError(f"--samples must be at least 1; got {samples}")
     configs = [CompressionConfig(ratio=r) for r in ratio_values]
-    source = find_haystack(haystack)
+    if context not in ("filler", "haystack"):
+        raise ChelseaError(f"--context must be filler or haystack; got {context!r}")
+    source = find_haystack(haystack) if context == "haystack" else None
+    if context == "haystack" and source is None:
+        raise ChelseaError("--context haystack needs a folder of .txt files: pass --haystack DIR or set CHELSEA_HAYSTACK")
     typer.echo(f"Loading {model} ...", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
-    prompt = passkey_prompt(tokenizer, tokens, depth=depth, seed=seed, haystack=source)
-    inputs = encode(tokenizer, prompt.context, prompt.question, chat_template=False, answer_prefix=prompt.answer_prefix)
-    typer.echo(
-        f"Context: {inputs['input_ids'].shape[1]} tokens of {'haystack text from ' + source.name if source else 'filler'}, "
-        f"pass key {prompt.answer} hidden at depth {depth}.\n",
-        err=True,
-    )
+    typer.echo(f"Context: about {tokens} tokens of {'haystack text from ' + source.name if source else 'filler'}.\n", err=True)
     rows = []
-    for method, config in [("full", None), *[("chelsea", c) for c in configs]]:
-        result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
-        row = result.to_dict()
-        row.update(
-            correct="yes" if is_correct(result.answer, prompt.answer) else "no",
-            answer_short=result.answer.splitlines()[0][:24] if result.answer else "",
-            kv_kept=f"{100 * result.kv_bytes / result.kv_bytes_full:.0f}%",
-            bytes_h=_fmt_bytes(result.kv_bytes),
-            bytes_full_h=_fmt_bytes(result.kv_bytes_full),
-            decode_ms=f"{1000 * result.decode_s / max(1, result.new_tokens - 1):.1f}",
-        )
-        rows.append(row)
+    for i in range(samples):
+        depth = (i + 1) / (samples + 1)
+        prompt = passkey_prompt(tokenizer, tokens, depth=depth, seed=seed + i, haystack=source)
+        inputs = encode(tokenizer, prompt.context, prompt.question, chat_template=False, answer_prefix=prompt.answer_prefix)
+        for method, config in [("full", None), *[("chelsea", c) for c in configs]]:
+            result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
+            row = {"sample": i, "depth": round(depth, 2), "expected": prompt.answer, **result.to_dict()}
+            row.update(
+                correct=is_correct(result.answer, prompt.answer),
+                answer_short=result.answer.splitlines()[0][:24] if result.answer else "",
+                kv_kept=f"{100 * result.kv_bytes / result.kv_bytes_full:.0f}%",
+                bytes_h=_fmt_bytes(result.kv_bytes),
+                decode_ms=f"{1000 * result.decode_s / max(1, result.new_tokens - 1):.1f}",
+            )
+            rows.append(row)
+    shown = [{**r, "right": "yes" if r["correct"] else "no"} for r in rows]
     typer.echo(
         _table(
-            rows,
+            shown,
             [
+                ("sample", "sample"),
+                ("expected", "key"),
                 ("method", "method"),
                 ("ratio", "ratio"),
                 ("answer_short", "answer"),
-                ("correct", "right"),
+                ("right", "right"),
                 ("kv_entries", "KV entries"),
                 ("bytes_h", "KV bytes"),
                 ("kv_kept", "kept"),
@@ -166,9 +176,14 @@ def demo(
             ],
         )
     )
-    typer.echo(f"\nExpected pass key: {prompt.answer}. KV entries: stored per layer and KV head (mean).")
+    typer.echo("\nRight answers:")
+    for method, config in [("full", None), *[("chelsea", c) for c in configs]]:
+        ratio = 0.0 if config is None else config.ratio
+        mine = [r for r in rows if r["method"] == method and r["ratio"] == ratio]
+        typer.echo(f"  {method:8} ratio {ratio:<4}  {sum(r['correct'] for r in mine)}/{len(mine)}")
+    typer.echo("KV entries: stored per layer and KV head (mean). Kept: KV bytes held / bytes of the full cache.")
     if json_path is not None:
-        json_path.write_text(json.dumps({"model": model, "expected": prompt.answer, "rows": rows}, indent=2))
+        json_path.write_text(json.dumps({"model": model, "tokens": tokens, "rows": rows}, indent=2))
 
 
 def main() -> None:

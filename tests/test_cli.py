@@ -1,0 +1,95 @@
+"""The chelsea command, run as a user would, on a tiny local model folder (no hub needed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def chelsea_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "chelsea.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised Llama with the SmolLM2 tokenizer, saved like any local model."""
+    from transformers import AutoTokenizer
+
+    from chelsea.models import resolve
+
+    path, extra = resolve("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    return path
+
+
+def test_help_on_every_command():
+    for args in ([], ["demo"], ["generate"], ["models"]):
+        out = chelsea_cli(*args, "--help")
+        assert out.returncode == 0 and "Usage" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "flag,value,name",
+    [("--ratio", "1.5", "ratio"), ("--ratio", "-0.2", "ratio"), ("--chunk-size", "1", "chunk_size"),
+     ("--sinks", "-1", "sink_tokens"), ("--window", "-4", "window")],
+)
+def test_bad_settings_are_named(flag, value, name, prompt_file):
+    out = chelsea_cli("generate", "-f", str(prompt_file), flag, value)
+    assert out.returncode == 2
+    assert name in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_json_on_a_local_model(tiny_model_dir, prompt_file):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "-q", "What jumps?",
+                      "--ratio", "0.8", "--window", "16", "--max-new-tokens", "4", "--json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    for key in ("answer", "method", "ratio", "tokens_seen", "kv_entries", "kv_bytes", "kv_bytes_full", "prefill_s", "decode_s"):
+        assert key in row
+    assert row["method"] == "chelsea" and row["ratio"] == 0.8 and row["tokens_seen"] > 300
+    assert row["kv_bytes"] < 0.3 * row["kv_bytes_full"]
+    assert row["kv_entries"] < 0.3 * row["tokens_seen"]
+
+
+def test_full_method_keeps_everything(tiny_model_dir, prompt_file):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--method", "full",
+                      "--max-new-tokens", "3", "--json", "--no-chat-template")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["kv_bytes"] == row["kv_bytes_full"] and row["kv_entries"] == row["tokens_seen"]
+
+
+def test_prompt_longer_than_context(tiny_model_dir, tmp_path):
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("word " * 2000)
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(long_file))
+    assert out.returncode == 2 and "exceeds the model's context of 512" in out.stderr
+
+
+def test_unsupported_architecture(tmp_path, prompt_file):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    out = chelsea_cli("generate", "--model", str(tmp_path / "gpt2"), "-f", str(prompt_file))
+    assert out.returncode == 2 and "'gpt2' is not supported" in out.stderr
+
+
+def test_unknown_method_and_missing_file(tiny_model_dir, prompt_file, tmp_path):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--method", "magic")
+    assert out.returncode == 2 and "--method" in out.stderr
+    out = chelsea_cli("generate", "-f", str(tmp_path / "missing.txt"))
+    assert out.returncode == 2 and "--prompt-file" in out.stderr
