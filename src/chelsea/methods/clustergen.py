@@ -1,0 +1,267 @@
+"""ClusterGen: a sublinear summary of the KV stream and the attention estimated from it.
+
+Plain tensor code, no model inside; every tensor is batched over ``[batch, kv_heads]`` and each
+(row, head) has its own summary. Attention is ``numerator / denominator`` with
+``denominator = sum_j exp(s q.k_j)`` and ``numerator = sum_j exp(s q.k_j) v_j``; both sums are
+estimated from the summary, and exact terms for a recent window (and sinks) are added by the caller.
+
+Denominator: keys are clustered online. A key joins the nearest cluster whose centre (the key that
+opened it) is within Euclidean distance ``delta``, else it opens a new cluster. Each cluster keeps
+its count and a uniform sample, without replacement, of up to ``cluster_samples`` member keys
+(bottom-k of i.i.d. uniform priorities, which streams). The estimate is
+``sum_c count_c / |S_c| * sum_{k in S_c} exp(s q.k)``: unbiased, and exact when every cluster keeps
+all its members.
+
+Numerator: a sample of (key, value) pairs weighted by ``||v||^2``, drawn by priority sampling
+(Duffield, Lund and Thorup 2007): priority ``w / u`` with ``u`` uniform, keep the ``value_samples``
+largest, and let ``tau`` be the next largest priority seen. Each kept pair stands for
+``max(w, tau) / w`` pairs. The estimate is unbiased for any query and exact when no more than
+``value_samples`` pairs have been seen (then ``tau = 0``). This replaces the paper's i.i.d. draws,
+which are never exact, with a sampler that streams, updates in bulk with one top-k, and is exact in
+the limit.
+
+Bulk updates (prefill) are vectorised: keys first join existing clusters in one distance
+computation; the keys left over open clusters greedily, one new cluster per head per iteration, so
+the loop runs over new clusters, not tokens. Within one block, a key may join an existing cluster
+even if a cluster opened later in the same block is nearer; every member is still within ``delta``
+of its centre, which is what the error bound needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ClusterGenSummary:
+    """Summary of the keys and values seen by each (row, KV head).
+
+    ``centers`` ``[B, H, M, D]`` and ``counts`` ``[B, H, M]`` of the (up to ``M``) clusters,
+    ``n_clusters`` ``[B, H]`` in use; ``sample_keys`` ``[B, H, M, s, D]`` with their uniform
+    priorities ``sample_prio`` (``inf`` marks an empty slot); the value sample ``value_keys``,
+    ``values`` ``[B, H, t + 1, ...]`` with weights ``value_weight`` and priorities ``value_prio``
+    (``-inf`` marks an empty slot; the last slot only holds the threshold ``tau``).
+    """
+
+    delta: float
+    cluster_samples: int
+    value_samples: int
+    centers: torch.Tensor
+    counts: torch.Tensor
+    n_clusters: torch.Tensor
+    sample_keys: torch.Tensor
+    sample_prio: torch.Tensor
+    value_keys: torch.Tensor
+    values: torch.Tensor
+    value_weight: torch.Tensor
+    value_prio: torch.Tensor
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        *,
+        delta: float,
+        cluster_samples: int = 4,
+        value_samples: int = 64,
+        capacity: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> "ClusterGenSummary":
+        if delta < 0:
+            raise ValueError(f"delta must be >= 0; got {delta}")
+        if cluster_samples < 1 or value_samples < 1:
+            raise ValueError(f"cluster_samples and value_samples must be >= 1; got {cluster_samples}, {value_samples}")
+        value_dim = value_dim or head_dim
+        z = dict(dtype=dtype, device=device)
+        return cls(
+            delta=float(delta),
+            cluster_samples=cluster_samples,
+            value_samples=value_samples,
+            centers=torch.zeros(batch, heads, capacity, head_dim, **z),
+            counts=torch.zeros(batch, heads, capacity, **z),
+            n_clusters=torch.zeros(batch, heads, dtype=torch.long, device=device),
+            sample_keys=torch.zeros(batch, heads, capacity, cluster_samples, head_dim, **z),
+            sample_prio=torch.full((batch, heads, capacity, cluster_samples), float("inf"), **z),
+            value_keys=torch.zeros(batch, heads, value_samples + 1, head_dim, **z),
+            values=torch.zeros(batch, heads, value_samples + 1, value_dim, **z),
+            value_weight=torch.zeros(batch, heads, value_samples + 1, **z),
+            value_prio=torch.full((batch, heads, value_samples + 1), float("-inf"), **z),
+            generator=generator,
+        )
+
+    # ------------------------------------------------------------------ updates
+
+    def _rand(self, shape, like: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(shape, generator=self.generator, dtype=like.dtype, device=like.device)
+        return u.clamp_min(torch.finfo(like.dtype).tiny)
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.centers.shape[2]
+        if needed <= capacity:
+            return
+        new = max(needed, 2 * capacity)
+
+        def pad(x: torch.Tensor, fill: float) -> torch.Tensor:
+            shape = list(x.shape)
+            shape[2] = new - capacity
+            return torch.cat([x, x.new_full(shape, fill)], dim=2)
+
+        self.centers, self.counts = pad(self.centers, 0.0), pad(self.counts, 0.0)
+        self.sample_keys, self.sample_prio = pad(self.sample_keys, 0.0), pad(self.sample_prio, float("inf"))
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add a block of tokens ``[B, H, n, D]`` (one token while decoding, many after prefill)."""
+        keys, values = keys.to(self.centers.dtype), values.to(self.centers.dtype)
+        cluster = self._assign(keys)
+        self._sample_members(keys, cluster)
+        self._sample_values(keys, values)
+
+    def _assign(self, keys: torch.Tensor) -> torch.Tensor:
+        """Cluster index ``[B, H, n]`` of every new key; opens clusters as needed."""
+        batch, heads, n, _ = keys.shape
+        cluster = torch.full((batch, heads, n), -1, dtype=torch.long, device=keys.device)
+        capacity = self.centers.shape[2]
+        if int(self.n_clusters.max()) > 0:
+            dist = torch.cdist(keys, self.centers)  # [B, H, n, M]
+            active = torch.arange(capacity, device=keys.device) < self.n_clusters[..., None]
+            dist = dist.masked_fill(~active[:, :, None, :], float("inf"))
+            nearest, index = dist.min(dim=-1)
+            cluster = torch.where(nearest <= self.delta, index, cluster)
+        open_ = cluster < 0
+        while bool(open_.any()):
+            has = open_.any(dim=-1)  # [B, H]
+            first = open_.int().argmax(dim=-1)  # first unassigned key per head
+            center = torch.gather(keys, 2, first[..., None, None].expand(-1, -1, 1, keys.shape[-1]))
+            claim = open_ & (torch.linalg.vector_norm(keys - center, dim=-1) <= self.delta) & has[..., None]
+            claim.scatter_(2, first[..., None], has[..., None])  # the opener always claims itself
+            slot = self.n_clusters.clone()
+            self._grow(int(slot.max()) + 1)
+            rows = has.nonzero(as_tuple=True)
+            self.centers[rows + (slot[rows],)] = center[..., 0, :][rows]
+            cluster = torch.where(claim, slot[..., None], cluster)
+            self.n_clusters += has.long()
+            open_ &= ~claim
+        self.counts.scatter_add_(2, cluster, torch.ones_like(cluster, dtype=self.counts.dtype))
+        return cluster
+
+    def _sample_members(self, keys: torch.Tensor, cluster: torch.Tensor) -> None:
+        """Keep, per cluster, the members with the ``s`` smallest uniform priorities."""
+        batch, heads, capacity, s = self.sample_prio.shape
+        prio = self._rand(cluster.shape, keys)
+        cand_cluster = torch.cat([torch.arange(capacity, device=keys.device).repeat_interleave(s).expand(batch, heads, -1), cluster], dim=2)
+        cand_prio = torch.cat([self.sample_prio.flatten(2), prio], dim=2)
+        cand_keys = torch.cat([self.sample_keys.flatten(2, 3), keys], dim=2)
+        empty = torch.isinf(cand_prio)
+        # float64: cluster id + priority/2 must keep every priority's order inside its cluster.
+        order_key = torch.where(empty, float(capacity), cand_cluster.double() + cand_prio.double() * 0.5)
+        order = order_key.argsort(dim=-1, stable=True)
+        sorted_cluster = torch.gather(torch.where(empty, capacity, cand_cluster), 2, order)
+        # Rank of each candidate inside its cluster: position minus the cluster's first position.
+        position = torch.arange(order.shape[-1], device=keys.device).expand_as(order)
+        starts = torch.searchsorted(sorted_cluster.contiguous(), torch.arange(capacity, device=keys.device).expand(batch, heads, -1).contiguous())
+        rank = position - torch.gather(starts, 2, sorted_cluster.clamp(max=capacity - 1))
+        keep = (rank < s) & (sorted_cluster < capacity)
+        dest = torch.where(keep, sorted_cluster * s + rank, capacity * s)  # spill slot for the rest
+        new_prio = torch.full((batch, heads, capacity * s + 1), float("inf"), dtype=cand_prio.dtype, device=keys.device)
+        new_prio.scatter_(2, dest, torch.where(keep, torch.gather(cand_prio, 2, order), float("inf")))
+        new_keys = keys.new_zeros(batch, heads, capacity * s + 1, keys.shape[-1])
+        new_keys.scatter_(2, dest[..., None].expand(-1, -1, -1, keys.shape[-1]), torch.gather(cand_keys, 2, order[..., None].expand(-1, -1, -1, keys.shape[-1])))
+        self.sample_prio = new_prio[..., :-1].view(batch, heads, capacity, s)
+        self.sample_keys = new_keys[:, :, :-1].view(batch, heads, capacity, s, -1)
+
+    def _sample_values(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Priority sampling by ``||v||^2``: keep the ``t + 1`` largest priorities ``w / u``."""
+        weight = values.pow(2).sum(-1)
+        prio = weight / self._rand(weight.shape, weight)
+        cand_prio = torch.cat([self.value_prio, prio], dim=2)
+        top = cand_prio.topk(self.value_samples + 1, dim=-1)
+        idx = top.indices
+
+        def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([old, new], dim=2)
+            index = idx if both.dim() == 3 else idx[..., None].expand(-1, -1, -1, both.shape[-1])
+            return torch.gather(both, 2, index)
+
+        self.value_keys, self.values = pick(self.value_keys, keys), pick(self.values, values)
+        self.value_weight, self.value_prio = pick(self.value_weight, weight), top.values
+
+    # ------------------------------------------------------------------ accounting
+
+    def tokens(self) -> torch.Tensor:
+        """Tokens summarised per (row, head): the sum of the cluster counts."""
+        return self.counts.sum(-1)
+
+    def nbytes(self) -> int:
+        """Bytes of the summary actually in use (clusters up to the largest count over heads)."""
+        used = int(self.n_clusters.max()) if self.n_clusters.numel() else 0
+        per_cluster = (self.centers[0, 0, 0].numel() + self.sample_keys[0, 0, 0].numel() + 2) * self.centers.element_size()
+        values = sum(t.numel() * t.element_size() for t in (self.value_keys, self.values, self.value_weight, self.value_prio))
+        return self.centers.shape[0] * self.centers.shape[1] * used * per_cluster + values
+
+    # ------------------------------------------------------------------ estimates
+
+    def log_terms(self, query: torch.Tensor, scale: float):
+        """Log-weighted logits of both estimators for ``query`` ``[B, H, g, D]`` (g query heads per KV head).
+
+        Returns ``(denominator logits [B, H, g, M*s], numerator logits [B, H, g, t], numerator values [B, H, t, Dv])``
+        where each logit already includes its estimator weight; empty slots are ``-inf``.
+        """
+        batch, heads, capacity, s, _ = self.sample_keys.shape
+        q = query.to(self.centers.dtype)
+        filled = torch.isfinite(self.sample_prio)
+        per_cluster = filled.sum(-1).clamp_min(1).to(q.dtype)
+        weight = (self.counts / per_cluster)[..., None].expand(-1, -1, -1, s)
+        log_w = torch.where(filled, weight.log(), float("-inf")).flatten(2)
+        den = scale * q @ self.sample_keys.flatten(2, 3).transpose(-1, -2) + log_w[:, :, None, :]
+
+        t = self.value_samples
+        tau = self.value_prio[..., t].clamp_min(0.0)  # -inf while fewer than t+1 pairs were seen
+        w = self.value_weight[..., :t]
+        kept = torch.isfinite(self.value_prio[..., :t]) & (w > 0)
+        ratio = torch.where(kept, torch.maximum(w, tau[..., None]) / torch.where(kept, w, 1.0), 1.0)
+        log_r = torch.where(kept, ratio.log(), float("-inf"))
+        num = scale * q @ self.value_keys[:, :, :t].transpose(-1, -2) + log_r[:, :, None, :]
+        return den, num, self.values[:, :, :t]
+
+
+def clustergen_attention(
+    query: torch.Tensor,
+    summary: ClusterGenSummary | None,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per head, ``query`` ``[B, Hq, 1, D]``, over the summary plus an
+    exact window ``[B, H, w, D]`` (which includes the query's own token). Returns ``[B, Hq, 1, Dv]``.
+
+    Numerator and denominator are each accumulated in log-sum-exp form with their own maximum.
+    """
+    batch, hq, q_len, dim = query.shape
+    heads = window_keys.shape[1]
+    if q_len != 1:
+        raise ValueError("clustergen_attention estimates one query token at a time")
+    groups = hq // heads
+    scale = dim**-0.5 if scale is None else scale
+    q = query.reshape(batch, heads, groups, dim).to(torch.promote_types(query.dtype, torch.float32))
+    win = scale * q @ window_keys.to(q.dtype).transpose(-1, -2)  # [B, H, g, w]
+    wv = window_values.to(q.dtype)
+    if summary is None:
+        return (torch.softmax(win, -1) @ wv).reshape(batch, hq, 1, -1).to(query.dtype)
+    den, num, sampled_values = summary.log_terms(q, scale)
+    den_logits = torch.cat([den.to(q.dtype), win], dim=-1)
+    num_logits = torch.cat([num.to(q.dtype), win], dim=-1)
+    num_values = torch.cat([sampled_values.to(q.dtype), wv], dim=-2)
+    log_den = torch.logsumexp(den_logits, -1, keepdim=True)
+    m = num_logits.amax(-1, keepdim=True)
+    numerator = torch.exp(num_logits - m) @ num_values
+    out = numerator * torch.exp(m - log_den)
+    return out.reshape(batch, hq, 1, -1).to(query.dtype)

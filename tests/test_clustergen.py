@@ -1,0 +1,107 @@
+"""ClusterGen's summary and estimator as plain tensor code."""
+
+import math
+
+import pytest
+import torch
+
+from chelsea.attention import weighted_attention
+from chelsea.methods.clustergen import ClusterGenSummary, clustergen_attention
+
+
+def _data(n=60, batch=2, heads=2, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64)
+    values = torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64)
+    return keys, values
+
+
+def _summary(keys, values, *, delta, s, t, block, seed=0):
+    batch, heads, n, dim = keys.shape
+    summ = ClusterGenSummary.empty(batch, heads, dim, delta=delta, cluster_samples=s, value_samples=t, capacity=4,
+                                   dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    for start in range(0, n, block):
+        summ.update(keys[:, :, start : start + block], values[:, :, start : start + block])
+    return summ
+
+
+@pytest.mark.parametrize("block", [1, 7, 60])
+def test_exact_when_delta_zero_and_samples_cover_everything(block):
+    keys, values = _data()
+    summ = _summary(keys, values, delta=0.0, s=4, t=60, block=block)
+    assert torch.equal(summ.n_clusters, torch.full((2, 2), 60))
+    torch.manual_seed(1)
+    query = torch.randn(2, 6, 1, 8, dtype=torch.float64)
+    own_k, own_v = torch.randn(2, 2, 1, 8, dtype=torch.float64), torch.randn(2, 2, 1, 8, dtype=torch.float64)
+    got = clustergen_attention(query, summ, own_k, own_v)
+    want = weighted_attention(query, torch.cat([keys, own_k], 2), torch.cat([values, own_v], 2))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_exact_with_large_clusters_when_samples_cover_members():
+    keys, values = _data(n=40)
+    keys = keys[:, :, torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(2))]  # 8 distinct keys
+    summ = _summary(keys, values, delta=0.0, s=40, t=40, block=9)
+    assert int(summ.n_clusters.max()) < 40
+    query = torch.randn(2, 2, 1, 8, dtype=torch.float64)
+    own_k, own_v = torch.randn(2, 2, 1, 8, dtype=torch.float64), torch.randn(2, 2, 1, 8, dtype=torch.float64)
+    got = clustergen_attention(query, summ, own_k, own_v)
+    want = weighted_attention(query, torch.cat([keys, own_k], 2), torch.cat([values, own_v], 2))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 13])
+def test_counts_add_up_and_members_lie_within_delta(block):
+    keys, values = _data(n=90)
+    delta = 3.5
+    summ = _summary(keys, values, delta=delta, s=3, t=10, block=block)
+    torch.testing.assert_close(summ.tokens(), torch.full((2, 2), 90.0, dtype=torch.float64))
+    filled = torch.isfinite(summ.sample_prio)
+    dist = torch.linalg.vector_norm(summ.sample_keys - summ.centers[..., None, :], dim=-1)
+    assert bool((dist[filled] <= delta + 1e-9).all())
+    per_cluster = filled.sum(-1)
+    assert bool((per_cluster == torch.minimum(summ.counts, torch.tensor(3.0, dtype=torch.float64)).long()).all())
+    assert int(summ.n_clusters.max()) < 90
+
+
+def _estimated_sums(summ, query, scale):
+    den, num, values = summ.log_terms(query, scale)
+    return den.exp().sum(-1), num.exp() @ values
+
+
+def test_estimators_are_unbiased():
+    keys, values = _data(n=50, batch=1, heads=1, dim=4)
+    values = values * torch.linspace(0.2, 3.0, 50, dtype=torch.float64)[None, None, :, None]  # unequal norms
+    query = torch.randn(1, 1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    scale = 0.5
+    logits = scale * query @ keys.transpose(-1, -2)
+    exact_den = logits.exp().sum(-1)
+    exact_num = logits.exp() @ values
+    dens, nums = [], []
+    for seed in range(400):
+        summ = _summary(keys, values, delta=2.5, s=2, t=8, block=17, seed=seed)
+        d, n = _estimated_sums(summ, query, scale)
+        dens.append(d)
+        nums.append(n)
+    dens, nums = torch.stack(dens), torch.stack(nums)
+    for est, exact in ((dens, exact_den), (nums, exact_num)):
+        mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
+        assert bool(((mean - exact).abs() <= 3 * se + 1e-12).all()), (mean, exact, se)
+        assert bool((se > 0).all())  # the estimate really is random here, so the check can fail
+
+
+def test_summary_is_smaller_than_the_stream_for_clustered_keys():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(1, 2, 10, 16, generator=g) * 5
+    keys = centres[:, :, torch.randint(0, 10, (2000,), generator=g)] + 0.1 * torch.randn(1, 2, 2000, 16, generator=g)
+    values = torch.randn(1, 2, 2000, 16, generator=g)
+    summ = _summary(keys, values, delta=1.0, s=4, t=64, block=256)
+    assert int(summ.n_clusters.max()) <= 12
+    assert summ.nbytes() < 0.1 * (keys.numel() + values.numel()) * 4
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="delta"):
+        ClusterGenSummary.empty(1, 1, 4, delta=-1.0)
+    with pytest.raises(ValueError, match="value_samples"):
+        ClusterGenSummary.empty(1, 1, 4, delta=1.0, value_samples=0)
