@@ -105,3 +105,14 @@ def test_bad_arguments():
         ClusterGenSummary.empty(1, 1, 4, delta=-1.0)
     with pytest.raises(ValueError, match="value_samples"):
         ClusterGenSummary.empty(1, 1, 4, delta=1.0, value_samples=0)
+
+
+def test_several_query_tokens_attend_causally_to_their_window():
+    keys, values = _data(n=30)
+    summ = _summary(keys, values, delta=0.0, s=2, t=30, block=30)
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=g)
+    win_k, win_v = torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=g), torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=g)
+    got = clustergen_attention(query, summ, win_k, win_v)
+    want = weighted_attention(query, torch.cat([keys, win_k], 2), torch.cat([values, win_v], 2))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -88,10 +88,11 @@ def chelsea_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: reads log-counts from the clustered cache layer, if any.
+    """transformers attention function: the cache layer that returned ``key`` attends, if any.
 
-    The keys returned by :class:`chelsea.cache.ClusteredLayer` carry a reference to their layer;
-    with any other cache (or none) every key is one token and only padding is masked.
+    The keys returned by the layers of :class:`chelsea.cache.ClusteredCache` carry a reference to
+    their layer, whose ``attend`` knows how its entries are weighted (log-counts, or ClusterGen's
+    estimators). With any other cache (or none) every key is one token and only padding is masked.
     ``attention_mask`` is the 2D padding mask handed through by :func:`chelsea_mask`.
     """
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -101,17 +102,14 @@ def chelsea_attention_forward(
     q_len, n = query.shape[2], key.shape[2]
     layer = getattr(key, "_chelsea_layer", None)
     if layer is not None:
-        if attention_mask is not None:
-            layer.mark_padding(attention_mask[:, -q_len:])
-        log_counts = layer.attention_log_counts()
-    elif attention_mask is not None:
-        valid = attention_mask[:, -n:].to(key.device)
-        log_counts = torch.zeros(valid.shape, device=key.device).masked_fill(~valid, float("-inf"))[:, None]
+        new_valid = None if attention_mask is None else attention_mask[:, -q_len:].to(key.device)
+        out = layer.attend(query, key, value, new_valid, scaling)
     else:
         log_counts = None
-    out = weighted_attention(query, key, value, log_counts, scale=scaling)
-    if layer is not None:
-        layer.after_attention()
+        if attention_mask is not None:
+            valid = attention_mask[:, -n:].to(key.device)
+            log_counts = torch.zeros(valid.shape, device=key.device).masked_fill(~valid, float("-inf"))[:, None]
+        out = weighted_attention(query, key, value, log_counts, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

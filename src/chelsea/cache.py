@@ -23,9 +23,11 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .config import CompressionConfig
+from .attention import weighted_attention
+from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
 from .methods.chelsea import chunked_soft_matching
+from .methods.clustergen import ClusterGenSummary, clustergen_attention
 
 NOT_CLUSTERED_ATTENTION = (
     "the clustered cache was used by an attention function other than 'chelsea', so its entries cannot be weighted. "
@@ -79,6 +81,14 @@ class ClusteredLayer(CacheLayerMixin):
         return self.keys, self.values
 
     # Called by the attention function -------------------------------------------------------
+
+    def attend(self, query, key, value, new_valid, scale):
+        """Attention of the new tokens over the stored entries, then clustering if it is due."""
+        if new_valid is not None:
+            self.mark_padding(new_valid)
+        out = weighted_attention(query, key, value, self.attention_log_counts(), scale=scale)
+        self.after_attention()
+        return out
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Give padding among the newest tokens log-count ``-inf``: never attended, never merged."""
@@ -221,8 +231,107 @@ class ClusteredLayer(CacheLayerMixin):
         return batch * heads * self.seen * per_token
 
 
+class ClusterGenLayer(CacheLayerMixin):
+    """One layer for ClusterGen: sinks and a recent window kept exactly, older tokens summarised.
+
+    ``keys``/``values`` hold the exact entries (sinks, then the most recent tokens); tokens that
+    leave the window go into a :class:`ClusterGenSummary` in one bulk update. Padded batches are
+    refused for now (each row would need its own window).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: ClusterGenConfig):
+        super().__init__()
+        self.config = config
+        self.summary: ClusterGenSummary | None = None
+        self.seen = 0
+        self.new_tokens = 0
+        self.has_merged = False
+        self.awaiting_attention = False
+        self.compressions = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_attention:
+            raise ChelseaError(NOT_CLUSTERED_ATTENTION)
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.new_tokens = key_states.shape[2]
+        self.seen += self.new_tokens
+        self.awaiting_attention = True
+        self.keys._chelsea_layer = self
+        return self.keys, self.values
+
+    def attend(self, query, key, value, new_valid, scale):
+        if new_valid is not None and not bool(new_valid.all()):
+            raise ChelseaError("clustergen does not support padded batches yet: run prompts of different lengths one by one")
+        out = clustergen_attention(query, self.summary, key, value, scale=scale)
+        self.awaiting_attention = False
+        overflow = self.keys.shape[2] - self.config.sink_tokens - self.config.window
+        if overflow > 0 and (self.new_tokens > 1 or overflow >= self.config.compress_every):
+            self.summarise(overflow)
+        return out
+
+    def summarise(self, count: int) -> None:
+        """Move ``count`` tokens just after the sinks into the summary."""
+        sinks = self.config.sink_tokens
+        old_k, old_v = self.keys[:, :, sinks : sinks + count], self.values[:, :, sinks : sinks + count]
+        if self.summary is None:
+            scale = torch.linalg.vector_norm(old_k.float(), dim=-1).median().item()
+            batch, heads, _, dim = old_k.shape
+            self.summary = ClusterGenSummary.empty(
+                batch, heads, dim, old_v.shape[-1], delta=self.config.delta * scale,
+                cluster_samples=self.config.cluster_samples, value_samples=self.config.value_samples,
+                dtype=torch.float32, device=old_k.device,
+            )
+        self.summary.update(old_k, old_v)
+        self.keys = torch.cat([self.keys[:, :, :sinks], self.keys[:, :, sinks + count :]], dim=2)
+        self.values = torch.cat([self.values[:, :, :sinks], self.values[:, :, sinks + count :]], dim=2)
+        self.has_merged = True
+        self.compressions += 1
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.config)
+
+    def stored_entries(self) -> torch.Tensor:
+        """Token-equivalent entries per row and head: bytes held / bytes of one token's key and value."""
+        batch, heads = self.keys.shape[:2]
+        per_token = self.keys.shape[3] * self.keys.element_size() + self.values.shape[3] * self.values.element_size()
+        return torch.full((batch, heads), self.nbytes() / (batch * heads * per_token))
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        exact = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return exact + (self.summary.nbytes() if self.summary is not None else 0)
+
+    def full_nbytes(self) -> int:
+        return ClusteredLayer.full_nbytes(self)
+
+
 class ClusteredCache(Cache):
-    """KV cache clustered with Chelsea's chunked soft matching; pass it as ``past_key_values``.
+    """KV cache compressed by clustering; pass it as ``past_key_values``.
+
+    A :class:`CompressionConfig` (or its keyword settings) selects Chelsea's chunked soft matching;
+    a :class:`ClusterGenConfig` selects ClusterGen's summary.
 
     Example::
 
@@ -233,11 +342,21 @@ class ClusteredCache(Cache):
     The model must use the ``"chelsea"`` attention (see :func:`chelsea.prepare_model`).
     """
 
-    def __init__(self, config: CompressionConfig | None = None, *, compressor: Callable = chunked_soft_matching, **knobs):
+    def __init__(
+        self,
+        config: CompressionConfig | ClusterGenConfig | None = None,
+        *,
+        compressor: Callable = chunked_soft_matching,
+        **knobs,
+    ):
         if config is not None and knobs:
-            raise ChelseaError(f"pass either a CompressionConfig or keyword settings, not both (got {sorted(knobs)})")
+            raise ChelseaError(f"pass either a config or keyword settings, not both (got {sorted(knobs)})")
         self.config = config if config is not None else CompressionConfig(**knobs)
-        super().__init__(layer_class_to_replicate=partial(ClusteredLayer, self.config, compressor))
+        if isinstance(self.config, ClusterGenConfig):
+            layer = partial(ClusterGenLayer, self.config)
+        else:
+            layer = partial(ClusteredLayer, self.config, compressor)
+        super().__init__(layer_class_to_replicate=layer)
 
     def stats(self) -> dict:
         """What the cache holds now, averaged over layers (entries also over rows and KV heads)."""

@@ -62,3 +62,42 @@ class CompressionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterGenConfig:
+    """Settings of ClusterGen (online key clustering + value sampling, see methods/clustergen.py).
+
+    Attributes:
+        delta: cluster radius, relative to the median key norm of the layer's first summarised
+            block (keys' scale differs a lot between layers). A key joins the nearest cluster whose
+            centre is within ``delta * median norm``, else it opens a new one. 0 puts only identical
+            keys together.
+        cluster_samples: member keys kept per cluster (uniform sample) for the softmax denominator.
+        value_samples: (key, value) pairs kept, sampled by squared value norm, for the numerator.
+        sink_tokens, window: first and most recent tokens kept exactly.
+        compress_every: while decoding, move tokens that left the window into the summary once
+            this many have piled up.
+    """
+
+    delta: float = 0.5
+    cluster_samples: int = 4
+    value_samples: int = 256
+    sink_tokens: int = 4
+    window: int = 64
+    compress_every: int = 32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delta, (int, float)) or self.delta < 0:
+            raise ChelseaError(f"delta must be a number >= 0 (relative to the median key norm); got {self.delta!r}")
+        for name in ("cluster_samples", "value_samples", "compress_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ChelseaError(f"{name} must be an integer >= 1; got {value!r}")
+        for name in ("sink_tokens", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ChelseaError(f"{name} must be an integer >= 0; got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

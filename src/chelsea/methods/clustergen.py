@@ -209,9 +209,9 @@ class ClusterGenSummary:
     # ------------------------------------------------------------------ estimates
 
     def log_terms(self, query: torch.Tensor, scale: float):
-        """Log-weighted logits of both estimators for ``query`` ``[B, H, g, D]`` (g query heads per KV head).
+        """Log-weighted logits of both estimators for ``query`` ``[B, H, r, D]`` (r query rows per KV head).
 
-        Returns ``(denominator logits [B, H, g, M*s], numerator logits [B, H, g, t], numerator values [B, H, t, Dv])``
+        Returns ``(denominator logits [B, H, r, M*s], numerator logits [B, H, r, t], numerator values [B, H, t, Dv])``
         where each logit already includes its estimator weight; empty slots are ``-inf``.
         """
         batch, heads, capacity, s, _ = self.sample_keys.shape
@@ -240,28 +240,31 @@ def clustergen_attention(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per head, ``query`` ``[B, Hq, 1, D]``, over the summary plus an
-    exact window ``[B, H, w, D]`` (which includes the query's own token). Returns ``[B, Hq, 1, Dv]``.
+    """Attention of ``query`` ``[B, Hq, q, D]`` over the summary plus an exact window ``[B, H, w, D]``.
 
-    Numerator and denominator are each accumulated in log-sum-exp form with their own maximum.
+    The last ``q`` window entries are the queries' own tokens and are attended causally; every
+    summarised token lies before them. Numerator and denominator are each accumulated in
+    log-sum-exp form with their own maximum. Returns ``[B, Hq, q, Dv]``.
     """
     batch, hq, q_len, dim = query.shape
-    heads = window_keys.shape[1]
-    if q_len != 1:
-        raise ValueError("clustergen_attention estimates one query token at a time")
+    heads, w = window_keys.shape[1], window_keys.shape[2]
     groups = hq // heads
     scale = dim**-0.5 if scale is None else scale
-    q = query.reshape(batch, heads, groups, dim).to(torch.promote_types(query.dtype, torch.float32))
-    win = scale * q @ window_keys.to(q.dtype).transpose(-1, -2)  # [B, H, g, w]
-    wv = window_values.to(q.dtype)
+    work = torch.promote_types(query.dtype, torch.float32)
+    # Rows ordered (group, query token): each KV head's summary and window are read once.
+    q = query.reshape(batch, heads, groups * q_len, dim).to(work)
+    win = scale * q @ window_keys.to(work).transpose(-1, -2)  # [B, H, g*q, w]
+    token = torch.arange(q_len, device=query.device).repeat(groups)[:, None]
+    future = torch.arange(w, device=query.device)[None, :] - (w - q_len) > token
+    win = win.masked_fill(future, float("-inf"))
+    wv = window_values.to(work)
     if summary is None:
-        return (torch.softmax(win, -1) @ wv).reshape(batch, hq, 1, -1).to(query.dtype)
-    den, num, sampled_values = summary.log_terms(q, scale)
-    den_logits = torch.cat([den.to(q.dtype), win], dim=-1)
-    num_logits = torch.cat([num.to(q.dtype), win], dim=-1)
-    num_values = torch.cat([sampled_values.to(q.dtype), wv], dim=-2)
-    log_den = torch.logsumexp(den_logits, -1, keepdim=True)
-    m = num_logits.amax(-1, keepdim=True)
-    numerator = torch.exp(num_logits - m) @ num_values
-    out = numerator * torch.exp(m - log_den)
-    return out.reshape(batch, hq, 1, -1).to(query.dtype)
+        out = torch.softmax(win, -1) @ wv
+    else:
+        den, num, sampled_values = summary.log_terms(q, scale)
+        log_den = torch.logsumexp(torch.cat([den.to(work), win], dim=-1), -1, keepdim=True)
+        num_logits = torch.cat([num.to(work), win], dim=-1)
+        m = num_logits.amax(-1, keepdim=True)
+        numerator = torch.exp(num_logits - m) @ torch.cat([sampled_values.to(work), wv], dim=-2)
+        out = numerator * torch.exp(m - log_den)
+    return out.reshape(batch, hq, q_len, -1).to(query.dtype)
