@@ -163,3 +163,31 @@ def test_unsupported_layouts_are_refused(config, match):
 def test_config_and_knobs_are_exclusive():
     with pytest.raises(ChelseaError, match="either"):
         ClusteredCache(CompressionConfig(), ratio=0.3)
+
+
+def test_clustergen_in_its_exact_limit_generates_like_the_full_cache():
+    """delta 0 and samples covering every token: ClusterGen's estimate is exact attention."""
+    model = chelsea.prepare_model(tiny("qwen2", torch.float64))
+    ref = _sdpa_copy(model)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(6))
+    cfg = chelsea.ClusterGenConfig(delta=0.0, cluster_samples=2, value_samples=400, window=16, compress_every=8)
+    cache = ClusteredCache(cfg)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        got = model.generate(ids, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert torch.equal(want, got)
+    stats = cache.stats()
+    assert stats["compressed"] and stats["tokens_seen"] == 329
+    for layer in cache.layers:
+        # Exact entries are sinks + window (+ at most compress_every pending); the rest is summarised.
+        assert layer.keys.shape[2] <= 4 + 16 + 8
+        torch.testing.assert_close(layer.summary.tokens(), torch.full((1, 2), float(329 - layer.keys.shape[2])))
+
+
+def test_clustergen_refuses_padded_batches():
+    model = chelsea.prepare_model(tiny("llama"))
+    ids = torch.randint(0, 256, (2, 100))
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    with torch.no_grad(), pytest.raises(ChelseaError, match="padded"):
+        model(ids, attention_mask=mask, past_key_values=ClusteredCache(chelsea.ClusterGenConfig()))

@@ -93,3 +93,11 @@ def test_unknown_method_and_missing_file(tiny_model_dir, prompt_file, tmp_path):
     assert out.returncode == 2 and "--method" in out.stderr
     out = chelsea_cli("generate", "-f", str(tmp_path / "missing.txt"))
     assert out.returncode == 2 and "--prompt-file" in out.stderr
+
+
+def test_generate_with_clustergen(tiny_model_dir, prompt_file):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--method", "clustergen",
+                      "--window", "16", "--value-samples", "32", "--max-new-tokens", "3", "--json", "--no-chat-template")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["method"] == "clustergen" and row["ratio"] is None and row["compressed"] is True

@@ -30,3 +30,15 @@ def test_budget():
     assert CompressionConfig(ratio=0.7, sink_tokens=0, window=0).budget(10) == 3
     assert CompressionConfig(ratio=0.0).budget(500) == 500
     assert CompressionConfig(chunk_size=16).compress_every == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"delta": -1.0}, "delta"), ({"cluster_samples": 0}, "cluster_samples"), ({"value_samples": 0}, "value_samples"),
+     ({"window": -1}, "window")],
+)
+def test_clustergen_bad_values_name_the_argument(kwargs, name):
+    from chelsea import ClusterGenConfig
+
+    with pytest.raises(ChelseaError, match=name):
+        ClusterGenConfig(**kwargs)

@@ -12,7 +12,7 @@ tokens it stands for.
 
 from .attention import ATTN_IMPLEMENTATION, register, weighted_attention
 from .cache import ClusteredCache, ClusteredLayer
-from .config import CompressionConfig
+from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError, MissingDependencyError, UnsupportedModelError
 from .methods.chelsea import chunked_soft_matching
 from .support import check_model_config
@@ -35,6 +35,7 @@ def prepare_model(model):
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ChelseaError",
+    "ClusterGenConfig",
     "ClusteredCache",
     "ClusteredLayer",
     "CompressionConfig",

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .config import CompressionConfig
+from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
@@ -66,7 +66,7 @@ def generate(
     prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full (plain cache) or chelsea (clustered cache).")] = "chelsea",
+    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache) or clustergen (cluster summary + value samples).")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -76,15 +76,21 @@ def generate(
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
     compress_every: EveryOpt = None,
+    delta: Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")] = 0.5,
+    cluster_samples: Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")] = 4,
+    value_samples: Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm.")] = 256,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Generate an answer to the file's text + question, with the full or the clustered cache."""
+    """Generate an answer to the file's text + question, with the full or a compressed cache."""
     from .generation import encode
     from .generation import generate as run
     from .models import load_model
 
-    config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
+    if method == "clustergen":
+        config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32)
+    else:
+        config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -96,7 +102,7 @@ def generate(
         return
     typer.echo(result.answer)
     typer.echo(
-        f"\n[{method} ratio={result.ratio}] tokens seen {result.tokens_seen}, KV entries {result.kv_entries} "
+        f"\n[{method}{'' if result.ratio is None else f' ratio={result.ratio}'}] tokens seen {result.tokens_seen}, KV entries {result.kv_entries} "
         f"({'clustered' if result.compressed else 'not clustered'}), KV bytes {_fmt_bytes(result.kv_bytes)} "
         f"of {_fmt_bytes(result.kv_bytes_full)}, prefill {result.prefill_s:.2f} s, decode {result.decode_s:.2f} s",
         err=True,

@@ -16,18 +16,18 @@ from transformers import DynamicCache, StoppingCriteria
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import ClusteredCache
-from .config import CompressionConfig
+from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
 from .support import check_model_config, check_prompt_length
 
-METHODS = ("full", "chelsea")
+METHODS = ("full", "chelsea", "clustergen")
 
 
 @dataclass
 class GenerationResult:
     answer: str
     method: str
-    ratio: float
+    ratio: float | None
     tokens_seen: int
     prompt_tokens: int
     new_tokens: int
@@ -81,11 +81,13 @@ def cache_stats(cache) -> dict:
     return {"tokens_seen": seen, "kv_entries": float(seen), "kv_bytes": nbytes, "kv_bytes_full": nbytes, "compressed": False}
 
 
-def make_cache(method: str, config: CompressionConfig | None):
+def make_cache(method: str, config: CompressionConfig | ClusterGenConfig | None):
     if method == "full":
         return DynamicCache()
     if method == "chelsea":
-        return ClusteredCache(config or CompressionConfig())
+        return ClusteredCache(config if isinstance(config, CompressionConfig) else CompressionConfig())
+    if method == "clustergen":
+        return ClusteredCache(config if isinstance(config, ClusterGenConfig) else ClusterGenConfig())
     raise ChelseaError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
@@ -95,13 +97,15 @@ def generate(
     inputs: dict,
     *,
     method: str = "chelsea",
-    config: CompressionConfig | None = None,
+    config: CompressionConfig | ClusterGenConfig | None = None,
     max_new_tokens: int = 32,
 ) -> GenerationResult:
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
     ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference);
-    ``chelsea`` runs the "chelsea" attention with a :class:`ClusteredCache`.
+    ``chelsea`` and ``clustergen`` run the "chelsea" attention with a :class:`ClusteredCache`.
+    ``ratio`` in the result is the setting for ``chelsea``, 0 for ``full`` and ``None`` for
+    ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).
     """
     if max_new_tokens < 1:
         raise ChelseaError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
@@ -109,7 +113,7 @@ def generate(
     check_model_config(model.config)
     prompt_tokens = inputs["input_ids"].shape[1]
     check_prompt_length(model.config, prompt_tokens, max_new_tokens)
-    if method == "chelsea":
+    if method != "full":
         register()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
@@ -138,7 +142,7 @@ def generate(
     return GenerationResult(
         answer=tokenizer.decode(new, skip_special_tokens=True).strip(),
         method=method,
-        ratio=0.0 if method == "full" else (config or CompressionConfig()).ratio,
+        ratio={"full": 0.0, "chelsea": getattr(cache.config, "ratio", None)}.get(method),
         tokens_seen=stats["tokens_seen"],
         prompt_tokens=prompt_tokens,
         new_tokens=int(new.shape[0]),
