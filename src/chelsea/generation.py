@@ -142,7 +142,7 @@ def generate(
     return GenerationResult(
         answer=tokenizer.decode(new, skip_special_tokens=True).strip(),
         method=method,
-        ratio={"full": 0.0, "chelsea": getattr(cache.config, "ratio", None)}.get(method),
+        ratio=0.0 if method == "full" else getattr(cache.config, "ratio", None),
         tokens_seen=stats["tokens_seen"],
         prompt_tokens=prompt_tokens,
         new_tokens=int(new.shape[0]),

@@ -1,0 +1,174 @@
+"""ClusterGen on real keys, values and queries: error vs memory, clusters vs context length.
+
+One forward pass of a built-in model over haystack text records, for a few layers, the post-RoPE
+keys, the values and the queries (a capturing attention function registered with transformers).
+By causality the first ``n`` positions of that pass are exactly what a prompt of ``n`` tokens
+produces, so one pass serves every context length.
+
+For each context length ``n`` and setting, the summary is built in bulk over positions
+``[sinks, n - window)``, and the queries of the last ``queries`` positions attend to the summary
+plus their exact sinks and window. Reported per (n, setting), averaged over layers, heads and
+queries:
+
+- ``clusters``: clusters opened per (layer, KV head), mean;
+- ``mem_frac``: bytes of summary + exact tokens / bytes of the full cache of ``n`` tokens;
+- ``rel_err``: ||estimate - exact|| / ||exact|| of the attention output;
+- ``bound_ratio``: ||estimate - exact|| / (||softmax(q K)||_2 * ||V||_op), the error measured in the
+  unit of SubGen's bound (error <= eps * ||softmax(q K)||_2 * ||V||_op); this is the eps observed.
+
+Usage: python benchmarks/clustergen_error.py --model qwen2.5-coder-0.5b --max-tokens 16384 --out results/issue4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from chelsea.methods.clustergen import ClusterGenSummary, clustergen_attention
+from chelsea.models import load_model
+from chelsea.prompts import find_haystack, haystack_text
+
+
+def capture(model, tokenizer, n_tokens: int, layers: list[int]):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    store: dict[int, tuple] = {}
+
+    def capturing(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx in layers:
+            store[module.layer_idx] = (query[0].float().clone(), key[0].float().clone(), value[0].float().clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture", capturing)
+    model.set_attn_implementation("capture")
+    text = haystack_text(find_haystack())
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
+    with torch.inference_mode():
+        model(ids.to(model.device), use_cache=False)
+    return store, ids.shape[1]
+
+
+def spectral_norm(v: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(v.double(), ord=2).item()
+
+
+def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
+    """q [Hq, N, D], k/v [H, N, D]; context n. Returns a dict of metrics."""
+    hq, heads, dim = q.shape[0], k.shape[0], k.shape[-1]
+    groups = hq // heads
+    old = slice(sinks, n - window)
+    old_k, old_v = k[None, :, old], v[None, :, old]
+    norm = torch.linalg.vector_norm(old_k, dim=-1).median().item()
+    summ = ClusterGenSummary.empty(1, heads, dim, delta=delta_rel * norm, cluster_samples=s, value_samples=t,
+                                   generator=torch.Generator().manual_seed(seed))
+    summ.update(old_k, old_v)
+    scale = dim**-0.5
+    errs, ratios = [], []
+    for p in range(n - queries, n):
+        exact_k = torch.cat([k[:, :sinks], k[:, sinks : n - window], k[:, n - window : p + 1]], 1)
+        exact_v = torch.cat([v[:, :sinks], v[:, sinks : n - window], v[:, n - window : p + 1]], 1)
+        win_k = torch.cat([k[:, :sinks], k[:, n - window : p + 1]], 1)[None]
+        win_v = torch.cat([v[:, :sinks], v[:, n - window : p + 1]], 1)[None]
+        query = q[:, p][None, :, None, :]
+        est = clustergen_attention(query, summ, win_k, win_v, scale=scale)[0, :, 0]
+        for h in range(hq):
+            kv = h // groups
+            probs = torch.softmax(scale * exact_k[kv] @ q[h, p], -1)
+            exact = probs @ exact_v[kv]
+            err = torch.linalg.vector_norm(est[h] - exact).item()
+            errs.append(err / torch.linalg.vector_norm(exact).item())
+            ratios.append(err / (torch.linalg.vector_norm(probs).item() * spectral_norm(exact_v[kv])))
+    per_token = 2 * dim * 4
+    exact_tokens = sinks + window
+    mem = summ.nbytes() / heads + exact_tokens * per_token
+    return {
+        "clusters": summ.n_clusters.float().mean().item(),
+        "mem_frac": mem / (n * per_token),
+        "rel_err": sum(errs) / len(errs),
+        "bound_ratio": sum(ratios) / len(ratios),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--layers", default="")
+    parser.add_argument("--deltas", default="0.3,0.5,0.7")
+    parser.add_argument("--value-samples", default="64,256")
+    parser.add_argument("--cluster-samples", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("results/issue4"))
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, device="cpu")
+    n_layers = model.config.num_hidden_layers
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else [0, n_layers // 2, n_layers - 1]
+    start = time.time()
+    store, total = capture(model, tokenizer, args.max_tokens, layers)
+    print(f"captured {total} tokens, layers {layers} in {time.time() - start:.0f} s", flush=True)
+    lengths = [n for n in (int(x) for x in args.lengths.split(",")) if n <= total]
+    rows = []
+    for n in lengths:
+        for delta in (float(x) for x in args.deltas.split(",")):
+            for t in (int(x) for x in args.value_samples.split(",")):
+                metrics = [evaluate(*store[layer], n, sinks=4, window=64, queries=args.queries, delta_rel=delta,
+                                    s=args.cluster_samples, t=t) for layer in layers]
+                row = {"context": n, "delta": delta, "cluster_samples": args.cluster_samples, "value_samples": t}
+                row.update({key: round(sum(m[key] for m in metrics) / len(metrics), 4) for key in metrics[0]})
+                rows.append(row)
+                print(row, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "clustergen_error.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {"model": args.model, "layers": layers, "tokens": total, "device": "cpu", "machine": platform.processor() or platform.machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+    (args.out / "clustergen_error.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(rows, args.out / "clustergen_error.png")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    settings = sorted({(r["delta"], r["value_samples"]) for r in rows})
+    for delta, t in settings:
+        sel = [r for r in rows if r["delta"] == delta and r["value_samples"] == t]
+        a.plot([r["mem_frac"] for r in sel], [r["rel_err"] for r in sel], "o-", label=f"delta={delta}, t={t}")
+        for r in sel:
+            a.annotate(f"{r['context'] // 1024}K", (r["mem_frac"], r["rel_err"]), fontsize=7)
+    a.set_xscale("log")
+    a.set_xlabel("memory / full cache")
+    a.set_ylabel("relative error of attention output")
+    a.legend(fontsize=7)
+    for delta in sorted({r["delta"] for r in rows}):
+        sel = [r for r in rows if r["delta"] == delta and r["value_samples"] == rows[0]["value_samples"]]
+        b.plot([r["context"] for r in sel], [r["clusters"] for r in sel], "o-", label=f"delta={delta}")
+    ctx = sorted({r["context"] for r in rows})
+    b.plot(ctx, ctx, "k:", label="one cluster per token")
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("context tokens")
+    b.set_ylabel("clusters per KV head")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
