@@ -76,7 +76,7 @@ def generate(
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
     compress_every: EveryOpt = None,
-    delta: Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")] = 0.5,
+    delta: Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")] = 1.0,
     cluster_samples: Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")] = 4,
     value_samples: Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm.")] = 256,
     device: DeviceOpt = "auto",
