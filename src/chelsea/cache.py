@@ -36,49 +36,81 @@ NOT_CLUSTERED_ATTENTION = (
 )
 
 
-class ClusteredLayer(CacheLayerMixin):
-    """One layer's clustered keys ``[batch, kv_heads, entries, head_dim]``, values and log-counts."""
+class _CompressedLayer(CacheLayerMixin):
+    """What both layer types share: positions from tokens seen, the append, the attention guard."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: CompressionConfig, compressor: Callable = chunked_soft_matching):
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.compressor = compressor
-        self.log_counts: torch.Tensor | None = None
         self.seen = 0
-        self.since_compression = 0
         self.new_tokens = 0
-        self.has_padding = False
         self.has_merged = False
         self.awaiting_attention = False
         self.compressions = 0
-        self.skipped_compressions = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.log_counts = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the new tokens and return every stored entry; the keys carry this layer."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_attention:
             raise ChelseaError(NOT_CLUSTERED_ATTENTION)
-        new = key_states.shape[2]
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        self.log_counts = torch.cat([self.log_counts, self.log_counts.new_zeros(key_states.shape[:3])], dim=2)
-        self.seen += new
-        self.since_compression += new
-        self.new_tokens = new
+        self._append(key_states, value_states)
+        self.new_tokens = key_states.shape[2]
+        self.seen += self.new_tokens
         self.awaiting_attention = True
         self.keys._chelsea_layer = self
         return self.keys, self.values
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def full_nbytes(self) -> int:
+        """Bytes a plain ``DynamicCache`` layer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads = self.keys.shape[:2]
+        per_token = (self.keys.shape[3] * self.keys.element_size()) + (self.values.shape[3] * self.values.element_size())
+        return batch * heads * self.seen * per_token
+
+
+class ClusteredLayer(_CompressedLayer):
+    """One layer's clustered keys ``[batch, kv_heads, entries, head_dim]``, values and log-counts."""
+
+    def __init__(self, config: CompressionConfig, compressor: Callable = chunked_soft_matching):
+        super().__init__(config)
+        self.compressor = compressor
+        self.log_counts: torch.Tensor | None = None
+        self.since_compression = 0
+        self.has_padding = False
+        self.skipped_compressions = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.log_counts = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super()._append(key_states, value_states)
+        self.log_counts = torch.cat([self.log_counts, self.log_counts.new_zeros(key_states.shape[:3])], dim=2)
+        self.since_compression += key_states.shape[2]
 
     # Called by the attention function -------------------------------------------------------
 
@@ -180,15 +212,6 @@ class ClusteredLayer(CacheLayerMixin):
 
     # Cache contract ---------------------------------------------------------------------------
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.config, self.compressor)
 
@@ -222,16 +245,8 @@ class ClusteredLayer(CacheLayerMixin):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.log_counts))
 
-    def full_nbytes(self) -> int:
-        """Bytes a plain ``DynamicCache`` layer would hold for the same tokens."""
-        if not self.is_initialized:
-            return 0
-        batch, heads = self.keys.shape[:2]
-        per_token = (self.keys.shape[3] * self.keys.element_size()) + (self.values.shape[3] * self.values.element_size())
-        return batch * heads * self.seen * per_token
 
-
-class ClusterGenLayer(CacheLayerMixin):
+class ClusterGenLayer(_CompressedLayer):
     """One layer for ClusterGen: sinks and a recent window kept exactly, older tokens summarised.
 
     ``keys``/``values`` hold the exact entries (sinks, then the most recent tokens); tokens that
@@ -239,37 +254,9 @@ class ClusterGenLayer(CacheLayerMixin):
     refused for now (each row would need its own window).
     """
 
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
     def __init__(self, config: ClusterGenConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.summary: ClusterGenSummary | None = None
-        self.seen = 0
-        self.new_tokens = 0
-        self.has_merged = False
-        self.awaiting_attention = False
-        self.compressions = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.awaiting_attention:
-            raise ChelseaError(NOT_CLUSTERED_ATTENTION)
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        self.new_tokens = key_states.shape[2]
-        self.seen += self.new_tokens
-        self.awaiting_attention = True
-        self.keys._chelsea_layer = self
-        return self.keys, self.values
 
     def attend(self, query, key, value, new_valid, scale):
         if new_valid is not None and not bool(new_valid.all()):
@@ -299,15 +286,6 @@ class ClusterGenLayer(CacheLayerMixin):
         self.has_merged = True
         self.compressions += 1
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.config)
 
@@ -322,9 +300,6 @@ class ClusterGenLayer(CacheLayerMixin):
             return 0
         exact = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return exact + (self.summary.nbytes() if self.summary is not None else 0)
-
-    def full_nbytes(self) -> int:
-        return ClusteredLayer.full_nbytes(self)
 
 
 class ClusteredCache(Cache):
