@@ -1,0 +1,147 @@
+"""Triton decode attention over a clustered cache (flash-decoding with a per-entry bias).
+
+For each (batch row, KV head) the query heads of its group, times the few new query tokens, are
+stacked into one block of rows, so every key and value of that KV head is read from memory once.
+The sequence is split into ``splits`` parts processed by separate programs (flash-decoding); each
+keeps an online softmax (running max, sum and weighted values) and a small PyTorch reduction merges
+the parts. Each entry's log-count is added to its logit; ``-inf`` hides an entry. The last
+``q_len`` entries are the new tokens themselves and are attended causally.
+
+:func:`decode_attention` takes and returns the same tensors as
+:func:`chelsea.attention.weighted_attention` and falls back to it where the kernel does not apply
+(no CUDA, Triton missing, head sizes that are not a power of two, more than 16 query tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path is used
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q, K, V, Bias, M_out, L_out, Acc_out,
+        stride_qb, stride_qh, stride_qr, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_bb, stride_bh, stride_bn,
+        n_keys, q_len, rows, heads, split_len, scale,
+        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        r = tl.arange(0, ROWS)
+        d = tl.arange(0, D)
+        dv = tl.arange(0, DV)
+        row_ok = r < rows
+        q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qr + d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)
+        # Row r is (group member r // q_len, new token r % q_len); it may see keys up to its own.
+        last_visible = n_keys - q_len + (r % q_len)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DV], tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, n_keys)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            k = tl.load(K + b * stride_kb + h * stride_kh + n[None, :] * stride_kn + d[:, None] * stride_kd,
+                        mask=n_ok[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale
+            if HAS_BIAS:
+                bias = tl.load(Bias + b * stride_bb + h * stride_bh + n * stride_bn, mask=n_ok, other=float("-inf"))
+                s += bias[None, :]
+            visible = n_ok[None, :] & (n[None, :] <= last_visible[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * stride_vb + h * stride_vh + n[:, None] * stride_vn + dv[None, :] * stride_vd,
+                        mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = (bh * tl.num_programs(1) + split) * ROWS
+        tl.store(M_out + out + r, m_i)
+        tl.store(L_out + out + r, l_i)
+        tl.store(Acc_out + (out + r[:, None]) * DV + dv[None, :], acc)
+
+
+def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` runs the Triton kernel for these tensors."""
+    dim, dim_v = key.shape[-1], value.shape[-1]
+    pow2 = lambda x: x >= 16 and (x & (x - 1)) == 0  # noqa: E731
+    return (
+        triton is not None
+        and query.is_cuda
+        and query.shape[2] <= 16
+        and query.shape[1] // key.shape[1] * query.shape[2] <= 128
+        and pow2(dim)
+        and pow2(dim_v)
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    splits: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
+    ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``."""
+    if not kernel_applies(query, key, value):
+        from ..attention import weighted_attention
+
+        return weighted_attention(query, key, value, log_counts, scale=scale)
+    batch, hq, q_len, dim = query.shape
+    heads, n = key.shape[1], key.shape[2]
+    dim_v = value.shape[-1]
+    groups = hq // heads
+    rows = groups * q_len
+    rows_pad = max(16, triton.next_power_of_2(rows))
+    scale = dim**-0.5 if scale is None else scale
+    # Rows ordered (group member, new token) so that row r's token is r % q_len.
+    q = query.reshape(batch, heads, groups, q_len, dim).reshape(batch, heads, rows, dim)
+    if splits is None:
+        programs = batch * heads
+        splits = max(1, min(math.ceil(n / 256), math.ceil(264 / programs)))
+    split_len = math.ceil(math.ceil(n / splits) / block_n) * block_n
+    splits = math.ceil(n / split_len)
+    f32 = dict(device=query.device, dtype=torch.float32)
+    m_out = torch.empty(batch * heads, splits, rows_pad, **f32)
+    l_out = torch.empty(batch * heads, splits, rows_pad, **f32)
+    acc_out = torch.empty(batch * heads, splits, rows_pad, dim_v, **f32)
+    if log_counts is not None:
+        bias = log_counts.float()
+        bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+    else:
+        bias, bias_strides = m_out, (0, 0, 0)
+    _split_kernel[(batch * heads, splits)](
+        q, key, value, bias, m_out, l_out, acc_out,
+        *q.stride(), *key.stride(), *value.stride(), *bias_strides,
+        n, q_len, rows, heads, split_len, scale,
+        HAS_BIAS=log_counts is not None, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ROWS=rows_pad, BLOCK_N=block_n, D=dim, DV=dim_v,
+    )
+    m_all = m_out.amax(dim=1, keepdim=True)
+    weight = torch.exp(m_out - m_all.clamp_min(-1e30)).nan_to_num(0.0)
+    out = (acc_out * weight[..., None]).sum(1) / (l_out * weight).sum(1)[..., None]
+    out = out[:, :rows].reshape(batch, heads, groups, q_len, dim_v).reshape(batch, hq, q_len, dim_v)
+    return out.to(query.dtype)

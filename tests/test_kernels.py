@@ -1,0 +1,58 @@
+"""The Triton decode kernel against the PyTorch path. Runs the kernel on CUDA machines only;
+on the CPU it checks that the fallback is the PyTorch path itself."""
+
+import pytest
+import torch
+
+from chelsea.attention import weighted_attention
+from chelsea.kernels import decode_attention, kernel_applies
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _inputs(batch, hq, h, q_len, n, dim, dtype, device, bias=True, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, hq, q_len, dim, generator=g, device=device).to(dtype)
+    k = torch.randn(batch, h, n, dim, generator=g, device=device).to(dtype)
+    v = torch.randn(batch, h, n, dim, generator=g, device=device).to(dtype)
+    lc = None
+    if bias:
+        lc = torch.log(torch.randint(1, 6, (batch, h, n), generator=g, device=device).float())
+        lc[:, :, : n // 10] = float("-inf")  # some padding entries
+        lc[:, :, -q_len:] = 0.0
+    return q, k, v, lc
+
+
+def test_cpu_fallback_is_the_pytorch_path():
+    q, k, v, lc = _inputs(2, 6, 2, 1, 100, 64, torch.float32, "cpu")
+    assert not kernel_applies(q, k, v)
+    assert torch.equal(decode_attention(q, k, v, lc), weighted_attention(q, k, v, lc))
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "batch,hq,h,q_len,n,dim",
+    [(1, 32, 8, 1, 4096, 128), (4, 14, 2, 1, 1000, 64), (2, 9, 3, 1, 77, 64), (3, 8, 8, 1, 33000, 128),
+     (2, 32, 8, 4, 2048, 128), (1, 14, 2, 3, 513, 64)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_pytorch(dtype, tol, batch, hq, h, q_len, n, dim, bias):
+    q, k, v, lc = _inputs(batch, hq, h, q_len, n, dim, dtype, "cuda", bias)
+    assert kernel_applies(q, k, v)
+    got = decode_attention(q, k, v, lc).float()
+    want = weighted_attention(q.double(), k.double(), v.double(), None if lc is None else lc.double()).float()
+    rel = (got - want).norm() / want.norm()
+    assert rel < tol, rel.item()
+
+
+@cuda
+def test_kernel_reads_strided_slices():
+    """Keys and values that are views into larger preallocated buffers."""
+    q, k, v, lc = _inputs(2, 8, 2, 1, 3000, 128, torch.bfloat16, "cuda")
+    big_k = torch.zeros(2, 2, 5000, 128, dtype=k.dtype, device="cuda")
+    big_v = torch.zeros_like(big_k)
+    big_k[:, :, :3000], big_v[:, :, :3000] = k, v
+    got = decode_attention(q, big_k[:, :, :3000], big_v[:, :, :3000], lc).float()
+    want = decode_attention(q, k, v, lc).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
