@@ -101,6 +101,7 @@ class ClusteredLayer(_CompressedLayer):
         self.log_counts: torch.Tensor | None = None
         self.since_compression = 0
         self.has_padding = False
+        self.row_padding: torch.Tensor | None = None
         self.skipped_compressions = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -127,7 +128,10 @@ class ClusteredLayer(_CompressedLayer):
         if bool(new_valid.all()):
             return
         tail = self.log_counts[:, :, -new_valid.shape[1] :]
-        tail.masked_fill_(~new_valid.to(tail.device)[:, None, :], float("-inf"))
+        pad = ~new_valid.to(tail.device)
+        tail.masked_fill_(pad[:, None, :], float("-inf"))
+        padding = pad.sum(-1)
+        self.row_padding = padding if self.row_padding is None else self.row_padding + padding
         self.has_padding = True
 
     def attention_log_counts(self) -> torch.Tensor | None:
@@ -141,9 +145,14 @@ class ClusteredLayer(_CompressedLayer):
 
     # Clustering ------------------------------------------------------------------------------
 
-    def tokens_per_row(self) -> torch.Tensor:
-        """Real tokens seen by each batch row: the sum of counts (the same for every head)."""
-        return self.log_counts[:, 0].exp().sum(-1).round().long()
+    def tokens_per_row(self) -> list[int]:
+        """Real tokens seen by each batch row: tokens seen minus the row's padding.
+
+        Not the sum of counts: eviction methods drop entries together with their counts.
+        """
+        if self.row_padding is None:
+            return [self.seen] * self.keys.shape[0]
+        return [self.seen - int(p) for p in self.row_padding.tolist()]
 
     def compress(self) -> None:
         """Cluster every batch row down to its budget, ``config.budget(tokens seen by the row)``."""
@@ -151,7 +160,7 @@ class ClusteredLayer(_CompressedLayer):
         if self.keys.shape[2] == 0:
             return
         if not self.has_padding:
-            tokens = int(self.tokens_per_row()[0])
+            tokens = self.tokens_per_row()[0]
             n_remove = self.keys.shape[2] - self.config.budget(tokens)
             if n_remove <= 0:
                 self.skipped_compressions += 1
@@ -185,12 +194,13 @@ class ClusteredLayer(_CompressedLayer):
     def _compress_padded(self) -> None:
         """Rows with padding: cluster each row's real entries alone, then left-pad to one length."""
         valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
+        tokens = self.tokens_per_row()
         rows = []
         removed = 0
         for b in range(self.keys.shape[0]):
             idx = valid[b].nonzero().squeeze(-1)
             k, v, lc = (t[b : b + 1].index_select(2, idx) for t in (self.keys, self.values, self.log_counts))
-            n_remove = k.shape[2] - self.config.budget(int(lc[:, 0].exp().sum().round()))
+            n_remove = k.shape[2] - self.config.budget(tokens[b])
             if n_remove > 0:
                 before = k.shape[2]
                 k, v, lc = self._run(k, v, lc, n_remove)
@@ -220,6 +230,8 @@ class ClusteredLayer(_CompressedLayer):
             self.keys, self.values, self.log_counts = (
                 t.index_select(0, index.to(t.device)) for t in (self.keys, self.values, self.log_counts)
             )
+            if self.row_padding is not None:
+                self.row_padding = self.row_padding.index_select(0, index.to(self.row_padding.device))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -232,6 +244,8 @@ class ClusteredLayer(_CompressedLayer):
             self.keys, self.values, self.log_counts = (
                 t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.log_counts)
             )
+            if self.row_padding is not None:
+                self.row_padding = self.row_padding.repeat_interleave(repeats, dim=0)
 
     # Accounting -----------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def generate(
     prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache) or clustergen (cluster summary + value samples).")] = "chelsea",
+    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), clustergen (cluster summary + value samples), or the eviction baselines streaming, random, knorm.")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,

@@ -18,9 +18,10 @@ from .attention import ATTN_IMPLEMENTATION, register
 from .cache import ClusteredCache
 from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
+from .methods import COMPRESSORS
 from .support import check_model_config, check_prompt_length
 
-METHODS = ("full", "chelsea", "clustergen")
+METHODS = ("full", *COMPRESSORS, "clustergen")
 
 
 @dataclass
@@ -84,8 +85,9 @@ def cache_stats(cache) -> dict:
 def make_cache(method: str, config: CompressionConfig | ClusterGenConfig | None):
     if method == "full":
         return DynamicCache()
-    if method == "chelsea":
-        return ClusteredCache(config if isinstance(config, CompressionConfig) else CompressionConfig())
+    if method in COMPRESSORS:
+        settings = config if isinstance(config, CompressionConfig) else CompressionConfig()
+        return ClusteredCache(settings, compressor=COMPRESSORS[method])
     if method == "clustergen":
         return ClusteredCache(config if isinstance(config, ClusterGenConfig) else ClusterGenConfig())
     raise ChelseaError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -102,9 +104,10 @@ def generate(
 ) -> GenerationResult:
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
-    ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference);
-    ``chelsea`` and ``clustergen`` run the "chelsea" attention with a :class:`ClusteredCache`.
-    ``ratio`` in the result is the setting for ``chelsea``, 0 for ``full`` and ``None`` for
+    ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference); the
+    other methods (``chelsea``, the eviction baselines ``streaming``, ``random``, ``knorm``, and
+    ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
+    ``ratio`` in the result is the setting for the ratio-based methods, 0 for ``full`` and ``None`` for
     ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).
     """
     if max_new_tokens < 1:
