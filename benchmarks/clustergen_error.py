@@ -100,6 +100,7 @@ def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replot", type=Path, help="Only redraw the plot from this results JSON.")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -110,6 +111,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/issue4"))
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return
 
     model, tokenizer = load_model(args.model, device="cpu")
     n_layers = model.config.num_hidden_layers
@@ -153,6 +157,7 @@ def plot(rows, path: Path) -> None:
         for r in sel:
             a.annotate(f"{r['context'] // 1024}K", (r["mem_frac"], r["rel_err"]), fontsize=7)
     a.set_xscale("log")
+    a.set_yscale("log")
     a.set_xlabel("memory / full cache")
     a.set_ylabel("relative error of attention output")
     a.legend(fontsize=7)
