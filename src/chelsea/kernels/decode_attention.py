@@ -3,7 +3,7 @@
 For each (batch row, KV head) the query heads of its group, times the few new query tokens, are
 stacked into one block of rows, so every key and value of that KV head is read from memory once.
 The sequence is split into ``splits`` parts processed by separate programs (flash-decoding); each
-keeps an online softmax (running max, sum and weighted values) and a small PyTorch reduction merges
+keeps an online softmax (running max, sum and weighted values) and a second small kernel merges
 the parts. Each entry's log-count is added to its logit; ``-inf`` hides an entry. The last
 ``q_len`` entries are the new tokens themselves and are attended causally.
 
@@ -80,6 +80,26 @@ if triton is not None:
         tl.store(Acc_out + (out + r[:, None]) * DV + dv[None, :], acc)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _combine_kernel(M_in, L_in, Acc_in, Out, splits, rows, ROWS: tl.constexpr, SPLITS: tl.constexpr, DV: tl.constexpr):
+        """Merge the splits of one (row, KV head) program: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i."""
+        bh = tl.program_id(0)
+        r = tl.program_id(1)
+        i = tl.arange(0, SPLITS)
+        dv = tl.arange(0, DV)
+        ok = i < splits
+        base = (bh * splits + i) * ROWS + r
+        m = tl.load(M_in + base, mask=ok, other=float("-inf"))
+        l = tl.load(L_in + base, mask=ok, other=0.0)
+        m_all = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+        acc = tl.load(Acc_in + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(Out + (bh * rows + r) * DV + dv, out)
+
+
 def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` runs the Triton kernel for these tensors."""
     dim, dim_v = key.shape[-1], value.shape[-1]
@@ -140,8 +160,9 @@ def decode_attention(
         n, q_len, rows, heads, split_len, scale,
         HAS_BIAS=log_counts is not None, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ROWS=rows_pad, BLOCK_N=block_n, D=dim, DV=dim_v,
     )
-    m_all = m_out.amax(dim=1, keepdim=True)
-    weight = torch.exp(m_out - m_all.clamp_min(-1e30)).nan_to_num(0.0)
-    out = (acc_out * weight[..., None]).sum(1) / (l_out * weight).sum(1)[..., None]
-    out = out[:, :rows].reshape(batch, heads, groups, q_len, dim_v).reshape(batch, hq, q_len, dim_v)
+    out = torch.empty(batch * heads, rows, dim_v, **f32)
+    _combine_kernel[(batch * heads, rows)](
+        m_out, l_out, acc_out, out, splits, rows, ROWS=rows_pad, SPLITS=triton.next_power_of_2(splits), DV=dim_v
+    )
+    out = out.view(batch, heads, groups, q_len, dim_v).reshape(batch, hq, q_len, dim_v)
     return out.to(query.dtype)
