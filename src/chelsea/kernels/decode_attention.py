@@ -124,6 +124,8 @@ def decode_attention(
     scale: float | None = None,
     splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    target_programs: int = 264,
 ) -> torch.Tensor:
     """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
     ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``."""
@@ -142,7 +144,7 @@ def decode_attention(
     q = query.reshape(batch, heads, groups, q_len, dim).reshape(batch, heads, rows, dim)
     if splits is None:
         programs = batch * heads
-        splits = max(1, min(math.ceil(n / 256), math.ceil(264 / programs)))
+        splits = max(1, min(math.ceil(n / 256), math.ceil(target_programs / programs)))
     split_len = math.ceil(math.ceil(n / splits) / block_n) * block_n
     splits = math.ceil(n / split_len)
     f32 = dict(device=query.device, dtype=torch.float32)
@@ -159,6 +161,7 @@ def decode_attention(
         *q.stride(), *key.stride(), *value.stride(), *bias_strides,
         n, q_len, rows, heads, split_len, scale,
         HAS_BIAS=log_counts is not None, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ROWS=rows_pad, BLOCK_N=block_n, D=dim, DV=dim_v,
+        num_warps=num_warps,
     )
     out = torch.empty(batch * heads, rows, dim_v, **f32)
     _combine_kernel[(batch * heads, rows)](
