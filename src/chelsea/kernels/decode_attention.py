@@ -123,9 +123,9 @@ def decode_attention(
     *,
     scale: float | None = None,
     splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
-    target_programs: int = 264,
+    target_programs: int = 528,
 ) -> torch.Tensor:
     """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
     ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``."""
