@@ -123,7 +123,7 @@ def decode_attention(
     *,
     scale: float | None = None,
     splits: int | None = None,
-    block_n: int = 128,
+    block_n: int | None = None,
     num_warps: int = 4,
     target_programs: int = 528,
 ) -> torch.Tensor:
@@ -140,6 +140,10 @@ def decode_attention(
     rows = groups * q_len
     rows_pad = max(16, triton.next_power_of_2(rows))
     scale = dim**-0.5 if scale is None else scale
+    if block_n is None:
+        # Tiles of keys and values must fit in shared memory: 128 keys of bf16 x 128 do, fp32 needs 64.
+        row_bytes = max(dim, dim_v) * query.element_size()
+        block_n = 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
     # Rows ordered (group member, new token) so that row r's token is r % q_len.
     q = query.reshape(batch, heads, groups, q_len, dim).reshape(batch, heads, rows, dim)
     if splits is None:
