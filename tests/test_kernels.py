@@ -41,7 +41,7 @@ def test_kernel_matches_pytorch(dtype, tol, batch, hq, h, q_len, n, dim, bias):
     q, k, v, lc = _inputs(batch, hq, h, q_len, n, dim, dtype, "cuda", bias)
     assert kernel_applies(q, k, v)
     got = decode_attention(q, k, v, lc).float()
-    want = weighted_attention(q.double(), k.double(), v.double(), None if lc is None else lc.double()).float()
+    want = weighted_attention(q.double(), k.double(), v.double(), None if lc is None else lc.double()).float()  # torch path
     rel = (got - want).norm() / want.norm()
     assert rel < tol, rel.item()
 
@@ -56,3 +56,9 @@ def test_kernel_reads_strided_slices():
     got = decode_attention(q, big_k[:, :, :3000], big_v[:, :, :3000], lc).float()
     want = decode_attention(q, k, v, lc).float()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@cuda
+def test_weighted_attention_uses_the_kernel_on_cuda():
+    q, k, v, lc = _inputs(2, 8, 2, 1, 500, 64, torch.bfloat16, "cuda")
+    assert torch.equal(weighted_attention(q, k, v, lc), decode_attention(q, k, v, lc))

@@ -5,7 +5,8 @@ A centroid that stands for ``n`` tokens gets ``log n`` added to its attention lo
 gives exactly the attention output of those ``n`` tokens. Padding entries carry log-count ``-inf``.
 
 :func:`weighted_attention` is the exact PyTorch path (scaled-dot-product attention with an additive
-bias), usable on CPU and GPU. :func:`register` plugs it into transformers under the name
+bias), usable on CPU and GPU; on CUDA, decoding (up to 16 new tokens) runs the Triton kernel of
+:mod:`chelsea.kernels` instead, which gives the same results. :func:`register` plugs it into transformers under the name
 ``"chelsea"``, both as an attention function and as a mask function, so ``model.generate`` runs
 unchanged once ``model.set_attn_implementation("chelsea")`` has been called.
 """
@@ -47,6 +48,12 @@ def weighted_attention(
     if q_len > n:
         raise ValueError(f"{q_len} queries but only {n} keys: the queries' own keys must be included")
     groups = heads // kv_heads
+
+    if query.is_cuda and q_len <= 16:
+        from .kernels import decode_attention, kernel_applies
+
+        if kernel_applies(query, key, value):
+            return decode_attention(query, key, value, log_counts, scale=scale)
 
     if q_len == 1:
         # Decoding: fold the query heads of a group into the query axis, so each KV head is read

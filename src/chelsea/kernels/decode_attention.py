@@ -130,7 +130,7 @@ def decode_attention(
     """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
     ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``."""
     if not kernel_applies(query, key, value):
-        from ..attention import weighted_attention
+        from ..attention import weighted_attention  # its CUDA path comes back here only when the kernel applies
 
         return weighted_attention(query, key, value, log_counts, scale=scale)
     batch, hq, q_len, dim = query.shape
