@@ -192,6 +192,47 @@ def demo(
         json_path.write_text(json.dumps({"model": model, "tokens": tokens, "rows": rows}, indent=2))
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset with random weights (llama3-8b, mistral-7b, qwen2.5-7b) or a model name/path as elsewhere.")] = DEFAULT_MODEL,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, streaming, random, knorm).")] = "chelsea",
+    ratios: Annotated[str, typer.Option(help="Comma-separated ratios.")] = "0.8",
+    contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "4096",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    decode_tokens: Annotated[int, typer.Option(help="Timed decoding steps per configuration.")] = 32,
+    out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Prefill time, decode time per token, peak memory and KV bytes: full cache vs compressed."""
+    from .bench import run as run_bench
+    from .generation import METHODS
+
+    def numbers(text: str, cast, flag: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise ChelseaError(f"{flag} must be comma-separated numbers; got {text!r}") from err
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        if m not in METHODS or m == "clustergen":
+            raise ChelseaError(f"--methods: {m!r} is not one of full, chelsea, streaming, random, knorm")
+    ratio_list = numbers(ratios, float, "--ratios")
+    for r in ratio_list:
+        CompressionConfig(ratio=r)
+    records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
+                        decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True))
+    shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
+    columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
+               ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),
+               ("speedup_vs_full", "speed-up"), ("bandwidth_limit_speedup", "bytes limit")]
+    typer.echo(_table([{k: r.get(k, r.get("error", "")) for k, _ in columns} for r in shown], columns))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=2))
+
+
 def main() -> None:
     """Entry point: run the app, turning bad input into a one-line error and exit code 2."""
     try:

@@ -1,0 +1,139 @@
+"""Speed and memory of whole-model prefill and decoding, full cache vs compressed caches.
+
+Models are either built-in/real (``smollm2-135m``, any id or path) or architecture presets with
+random weights (``llama3-8b``, ``mistral-7b``, ``qwen2.5-7b``): right for speed and memory, never
+for accuracy. Prompts are random token ids. For each configuration:
+
+- ``prefill_s``: one forward pass over the prompt (``logits_to_keep=1``), clustering included;
+- ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
+  divided by their number; periodic re-clustering is included;
+- ``peak_mem_bytes``: CUDA peak allocated memory over prefill and decoding (0 on the CPU);
+- ``kv_bytes``: what the cache holds at the end; ``kv_bytes_full`` what a full cache holds;
+- ``speedup_vs_full``: full cache's decode time over this one's, same model, context and batch;
+- ``bandwidth_limit_speedup``: (weights + full KV bytes) / (weights + stored KV bytes), the
+  speed-up if decoding were bound by reading weights and cache once per step.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from .config import CompressionConfig
+from .errors import ChelseaError
+from .generation import cache_stats, make_cache
+
+PRESETS = {
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                  num_key_value_heads=8, vocab_size=32768, max_position_embeddings=131072, sliding_window=None,
+                                  rope_theta=1000000.0)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0,
+                                use_sliding_window=False)),
+}
+
+
+def load_bench_model(name: str, device: str = "auto", dtype: str = "auto"):
+    """A preset with random weights, or a real model through :func:`chelsea.models.load_model`."""
+    from .models import load_model, pick_device, pick_dtype
+
+    if name not in PRESETS:
+        return load_model(name, device=device, dtype=dtype)[0]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, settings = PRESETS[name]
+    dev = pick_device(device)
+    config = AutoConfig.for_model(family, **settings)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
+    """Prefill ``batch`` random prompts of ``context`` tokens, then decode; returns one record."""
+    from .attention import ATTN_IMPLEMENTATION, register
+
+    device = model.device
+    config = CompressionConfig(ratio=ratio) if method != "full" else None
+    register()
+    model.set_attn_implementation("sdpa" if method == "full" else ATTN_IMPLEMENTATION)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
+    cache = make_cache(method, config)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)
+        del out
+        for _ in range(2):  # warm-up steps, not timed
+            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode = (time.perf_counter() - start) / decode_tokens
+    stats = cache_stats(cache)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "method": method,
+        "ratio": 0.0 if method == "full" else ratio,
+        "context": context,
+        "batch": batch,
+        "prefill_s": round(prefill, 4),
+        "decode_ms_per_token": round(decode * 1e3, 3),
+        "tokens_per_s": round(batch / decode, 1),
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+        "kv_bytes": stats["kv_bytes"],
+        "kv_bytes_full": stats["kv_bytes_full"],
+        "weights_bytes": weights,
+        "bandwidth_limit_speedup": round((weights + stats["kv_bytes_full"]) / (weights + stats["kv_bytes"]), 3),
+    }
+
+
+def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
+        decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print) -> list[dict]:
+    """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such."""
+    if "full" not in methods:
+        methods = ["full", *methods]
+    model = load_bench_model(model_name, device, dtype)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    records = []
+    device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for context in contexts:
+        if limit is not None and context + decode_tokens + 2 > limit:
+            raise ChelseaError(f"--contexts {context} exceeds {model_name}'s context of {limit} tokens")
+        for batch in batches:
+            full_ms = None
+            for method in methods:
+                for ratio in ([0.0] if method == "full" else ratios):
+                    base = {"device": device_name, "model": model_name, "date": stamp}
+                    try:
+                        record = {**base, **run_one(model, method, ratio, context, batch, decode_tokens)}
+                    except torch.OutOfMemoryError:
+                        record = {**base, "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
+                        torch.cuda.empty_cache()
+                    if method == "full":
+                        full_ms = record.get("decode_ms_per_token")
+                    if "decode_ms_per_token" in record:
+                        record["speedup_vs_full"] = round(full_ms / record["decode_ms_per_token"], 3) if full_ms else None
+                    records.append(record)
+                    progress(record)
+    return records
