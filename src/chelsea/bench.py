@@ -6,7 +6,8 @@ for accuracy. Prompts are random token ids. For each configuration:
 
 - ``prefill_s``: one forward pass over the prompt (``logits_to_keep=1``), clustering included;
 - ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
-  divided by their number; periodic re-clustering is included;
+  divided by their number, after 5 untimed steps; periodic re-clustering is included. Before the
+  first configuration, every method runs once untimed on a short prompt (compilation, allocator);
 - ``peak_mem_bytes``: CUDA peak allocated memory over prefill and decoding (0 on the CPU);
 - ``kv_bytes``: what the cache holds at the end; ``kv_bytes_full`` what a full cache holds;
 - ``speedup_vs_full``: full cache's decode time over this one's, same model, context and batch;
@@ -81,7 +82,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         del out
-        for _ in range(2):  # warm-up steps, not timed
+        for _ in range(5):  # warm-up steps, not timed
             token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
@@ -114,6 +115,10 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         methods = ["full", *methods]
     model = load_bench_model(model_name, device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
+    # One small untimed run of each method first: kernels compile and the allocator grows there,
+    # not inside the first timed configuration.
+    for method in methods:
+        run_one(model, method, ratios[0] if method != "full" else 0.0, min(contexts[0], 1024), 1, 4)
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
