@@ -191,3 +191,21 @@ def test_clustergen_refuses_padded_batches():
     mask[0, :10] = 0
     with torch.no_grad(), pytest.raises(ChelseaError, match="padded"):
         model(ids, attention_mask=mask, past_key_values=ClusteredCache(chelsea.ClusterGenConfig()))
+
+
+def test_buffers_grow_in_place_and_give_memory_back_after_clustering():
+    model = chelsea.prepare_model(tiny("llama"))
+    cache = ClusteredCache(ratio=0.8, chunk_size=16, window=16)
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache)
+        layer = cache.layers[0]
+        full_bytes = layer.full_nbytes()
+        # After clustering the prefill, the allocation (spare room included) is near the budget.
+        assert layer.reserved_nbytes() < 0.3 * full_bytes * (1 + 4 / 64) + 64 * 1024
+        buffer = layer._key_buf
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(10):
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        assert layer._key_buf is buffer  # decoding wrote into the same buffer, no copy per token
+        assert layer.keys.data_ptr() == buffer.data_ptr()

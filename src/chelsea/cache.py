@@ -37,25 +37,81 @@ NOT_CLUSTERED_ATTENTION = (
 
 
 class _CompressedLayer(CacheLayerMixin):
-    """What both layer types share: positions from tokens seen, the append, the attention guard."""
+    """What both layer types share: positions from tokens seen, the append, the attention guard.
+
+    Keys and values live in preallocated buffers ``[batch, kv_heads, capacity, head_dim]`` that grow
+    by half when full; ``keys``/``values`` are views of the filled part. Appending writes in place,
+    so a decoding step copies one token per layer, not the whole cache.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    _buffers = ("_key_buf", "_value_buf")
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.seen = 0
         self.new_tokens = 0
+        self.length = 0
         self.has_merged = False
         self.awaiting_attention = False
         self.compressions = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self._key_buf, self._value_buf = key_states[:, :, :0], value_states[:, :, :0]
         self.is_initialized = True
+
+    @property
+    def keys(self):
+        return None if not self.is_initialized else self._key_buf[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
+        if value is not None:
+            raise AttributeError("write stored entries with _store(), not by assigning keys")
+
+    @property
+    def values(self):
+        return None if not self.is_initialized else self._value_buf[:, :, : self.length]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("write stored entries with _store(), not by assigning values")
+
+    def _reserve(self, needed: int) -> None:
+        """Make every buffer hold at least ``needed`` entries (grow by half, keep the filled part)."""
+        capacity = self._key_buf.shape[2]
+        if needed <= capacity:
+            return
+        new = max(needed, capacity + capacity // 2, 64)
+        for name in self._buffers:
+            old = getattr(self, name)
+            grown = old.new_empty((*old.shape[:2], new, *old.shape[3:]))
+            grown[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, grown)
+
+    def _store(self, *tensors: torch.Tensor) -> None:
+        """Replace the stored entries (one tensor per buffer, same length).
+
+        In place, unless the entries fill less than half the buffers (after clustering a prefill):
+        then the buffers are reallocated with a quarter of room to grow, so the memory is returned.
+        """
+        length = tensors[0].shape[2]
+        if self._key_buf.shape[2] > 2 * length + 64:
+            room = length + max(64, length // 4)
+            for name, t in zip(self._buffers, tensors):
+                buf = t.new_empty((*t.shape[:2], room, *t.shape[3:]))
+                buf[:, :, :length] = t
+                setattr(self, name, buf)
+        else:
+            self._reserve(length)
+            for name, t in zip(self._buffers, tensors):
+                getattr(self, name)[:, :, :length] = t
+        self.length = length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new tokens and return every stored entry; the keys carry this layer."""
@@ -67,12 +123,16 @@ class _CompressedLayer(CacheLayerMixin):
         self.new_tokens = key_states.shape[2]
         self.seen += self.new_tokens
         self.awaiting_attention = True
-        self.keys._chelsea_layer = self
-        return self.keys, self.values
+        keys = self.keys
+        keys._chelsea_layer = self
+        return keys, self.values
 
-    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor, *extra: torch.Tensor) -> None:
+        new = key_states.shape[2]
+        self._reserve(self.length + new)
+        for name, t in zip(self._buffers, (key_states, value_states, *extra)):
+            getattr(self, name)[:, :, self.length : self.length + new] = t
+        self.length += new
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -95,10 +155,11 @@ class _CompressedLayer(CacheLayerMixin):
 class ClusteredLayer(_CompressedLayer):
     """One layer's clustered keys ``[batch, kv_heads, entries, head_dim]``, values and log-counts."""
 
+    _buffers = ("_key_buf", "_value_buf", "_count_buf")
+
     def __init__(self, config: CompressionConfig, compressor: Callable = chunked_soft_matching):
         super().__init__(config)
         self.compressor = compressor
-        self.log_counts: torch.Tensor | None = None
         self.since_compression = 0
         self.has_padding = False
         self.row_padding: torch.Tensor | None = None
@@ -106,11 +167,14 @@ class ClusteredLayer(_CompressedLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.log_counts = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+        self._count_buf = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+
+    @property
+    def log_counts(self):
+        return None if not self.is_initialized else self._count_buf[:, :, : self.length]
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super()._append(key_states, value_states)
-        self.log_counts = torch.cat([self.log_counts, self.log_counts.new_zeros(key_states.shape[:3])], dim=2)
+        super()._append(key_states, value_states, key_states.new_zeros(key_states.shape[:3], dtype=torch.float32))
         self.since_compression += key_states.shape[2]
 
     # Called by the attention function -------------------------------------------------------
@@ -165,9 +229,9 @@ class ClusteredLayer(_CompressedLayer):
             if n_remove <= 0:
                 self.skipped_compressions += 1
                 return
-            before = self.keys.shape[2]
-            self.keys, self.values, self.log_counts = self._run(self.keys, self.values, self.log_counts, n_remove)
-            self._record(before - self.keys.shape[2])
+            before = self.length
+            self._store(*self._run(self.keys, self.values, self.log_counts, n_remove))
+            self._record(before - self.length)
             return
         self._compress_padded()
 
@@ -215,9 +279,11 @@ class ClusteredLayer(_CompressedLayer):
             shape = (*x.shape[:2], pad, *x.shape[3:])
             return torch.cat([x.new_full(shape, fill), x], dim=2)
 
-        self.keys = torch.cat([left_pad(r[0], 0.0) for r in rows])
-        self.values = torch.cat([left_pad(r[1], 0.0) for r in rows])
-        self.log_counts = torch.cat([left_pad(r[2], float("-inf")) for r in rows])
+        self._store(
+            torch.cat([left_pad(r[0], 0.0) for r in rows]),
+            torch.cat([left_pad(r[1], 0.0) for r in rows]),
+            torch.cat([left_pad(r[2], float("-inf")) for r in rows]),
+        )
         self._record(removed)
 
     # Cache contract ---------------------------------------------------------------------------
@@ -227,9 +293,9 @@ class ClusteredLayer(_CompressedLayer):
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
-            self.keys, self.values, self.log_counts = (
-                t.index_select(0, index.to(t.device)) for t in (self.keys, self.values, self.log_counts)
-            )
+            for name in self._buffers:
+                buf = getattr(self, name)
+                setattr(self, name, buf.index_select(0, index.to(buf.device)))
             if self.row_padding is not None:
                 self.row_padding = self.row_padding.index_select(0, index.to(self.row_padding.device))
 
@@ -241,9 +307,8 @@ class ClusteredLayer(_CompressedLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys, self.values, self.log_counts = (
-                t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.log_counts)
-            )
+            for name in self._buffers:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
             if self.row_padding is not None:
                 self.row_padding = self.row_padding.repeat_interleave(repeats, dim=0)
 
@@ -254,10 +319,20 @@ class ClusteredLayer(_CompressedLayer):
         return (self.log_counts > float("-inf")).sum(-1)
 
     def nbytes(self) -> int:
-        """Bytes this layer holds: keys, values and log-counts (padding slots included)."""
+        """Bytes of the stored entries: keys, values and log-counts (padding slots included).
+
+        The buffers' spare room (at most a third of their size after growth) is not counted here;
+        ``reserved_nbytes`` gives it.
+        """
         if not self.is_initialized:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.log_counts))
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated for this layer's buffers, spare room included."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._buffers)
 
 
 class ClusterGenLayer(_CompressedLayer):
@@ -295,8 +370,10 @@ class ClusterGenLayer(_CompressedLayer):
                 dtype=torch.float32, device=old_k.device,
             )
         self.summary.update(old_k, old_v)
-        self.keys = torch.cat([self.keys[:, :, :sinks], self.keys[:, :, sinks + count :]], dim=2)
-        self.values = torch.cat([self.values[:, :, :sinks], self.values[:, :, sinks + count :]], dim=2)
+        self._store(
+            torch.cat([self.keys[:, :, :sinks], self.keys[:, :, sinks + count :]], dim=2),
+            torch.cat([self.values[:, :, :sinks], self.values[:, :, sinks + count :]], dim=2),
+        )
         self.has_merged = True
         self.compressions += 1
 
