@@ -27,7 +27,7 @@ import torch
 
 from .config import CompressionConfig
 from .errors import ChelseaError
-from .generation import cache_stats, make_cache
+from .generation import _sync, cache_stats, make_cache
 
 PRESETS = {
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -55,11 +55,6 @@ def load_bench_model(name: str, device: str = "auto", dtype: str = "auto"):
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
     return model.eval()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
