@@ -161,8 +161,7 @@ class ClusteredLayer(_CompressedLayer):
         super().__init__(config)
         self.compressor = compressor
         self.since_compression = 0
-        self.has_padding = False
-        self.row_padding: torch.Tensor | None = None
+        self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -196,7 +195,10 @@ class ClusteredLayer(_CompressedLayer):
         tail.masked_fill_(pad[:, None, :], float("-inf"))
         padding = pad.sum(-1)
         self.row_padding = padding if self.row_padding is None else self.row_padding + padding
-        self.has_padding = True
+
+    @property
+    def has_padding(self) -> bool:
+        return self.row_padding is not None
 
     def attention_log_counts(self) -> torch.Tensor | None:
         """The bias for attention, or ``None`` while every stored entry is one real token."""
