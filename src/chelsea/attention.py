@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels import kernel_applies, run_kernel
+
 ATTN_IMPLEMENTATION = "chelsea"
 
 
@@ -49,11 +51,8 @@ def weighted_attention(
         raise ValueError(f"{q_len} queries but only {n} keys: the queries' own keys must be included")
     groups = heads // kv_heads
 
-    if query.is_cuda and q_len <= 16:
-        from .kernels import decode_attention, kernel_applies
-
-        if kernel_applies(query, key, value):
-            return decode_attention(query, key, value, log_counts, scale=scale)
+    if query.is_cuda and kernel_applies(query, key, value):
+        return run_kernel(query, key, value, log_counts, scale=scale)
 
     if q_len == 1:
         # Decoding: fold the query heads of a group into the query axis, so each KV head is read

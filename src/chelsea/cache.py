@@ -82,17 +82,19 @@ class _CompressedLayer(CacheLayerMixin):
         if value is not None:
             raise AttributeError("write stored entries with _store(), not by assigning values")
 
+    def _reallocate(self, capacity: int, entries: tuple[torch.Tensor, ...]) -> None:
+        """New buffers of ``capacity`` entries, starting with ``entries`` (one tensor per buffer)."""
+        for name, t in zip(self._buffers, entries):
+            buf = t.new_empty((*t.shape[:2], capacity, *t.shape[3:]))
+            buf[:, :, : t.shape[2]] = t
+            setattr(self, name, buf)
+
     def _reserve(self, needed: int) -> None:
         """Make every buffer hold at least ``needed`` entries (grow by half, keep the filled part)."""
         capacity = self._key_buf.shape[2]
-        if needed <= capacity:
-            return
-        new = max(needed, capacity + capacity // 2, 64)
-        for name in self._buffers:
-            old = getattr(self, name)
-            grown = old.new_empty((*old.shape[:2], new, *old.shape[3:]))
-            grown[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, grown)
+        if needed > capacity:
+            filled = tuple(getattr(self, name)[:, :, : self.length] for name in self._buffers)
+            self._reallocate(max(needed, capacity + capacity // 2, 64), filled)
 
     def _store(self, *tensors: torch.Tensor) -> None:
         """Replace the stored entries (one tensor per buffer, same length).
@@ -102,11 +104,7 @@ class _CompressedLayer(CacheLayerMixin):
         """
         length = tensors[0].shape[2]
         if self._key_buf.shape[2] > 2 * length + 64:
-            room = length + max(64, length // 4)
-            for name, t in zip(self._buffers, tensors):
-                buf = t.new_empty((*t.shape[:2], room, *t.shape[3:]))
-                buf[:, :, :length] = t
-                setattr(self, name, buf)
+            self._reallocate(length + max(64, length // 4), tensors)
         else:
             self._reserve(length)
             for name, t in zip(self._buffers, tensors):

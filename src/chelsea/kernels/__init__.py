@@ -1,5 +1,5 @@
 """GPU kernels (Triton). Each has a PyTorch path that gives the same results on the CPU."""
 
-from .decode_attention import decode_attention, kernel_applies
+from .decode_attention import decode_attention, kernel_applies, run_kernel
 
-__all__ = ["decode_attention", "kernel_applies"]
+__all__ = ["decode_attention", "kernel_applies", "run_kernel"]

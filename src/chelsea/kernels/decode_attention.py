@@ -122,17 +122,34 @@ def decode_attention(
     log_counts: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    **tuning,
+) -> torch.Tensor:
+    """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
+    ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``.
+
+    Runs the kernel where :func:`kernel_applies`, else the PyTorch path. ``tuning`` goes to
+    :func:`run_kernel` (``splits``, ``block_n``, ``num_warps``, ``target_programs``).
+    """
+    if not kernel_applies(query, key, value):
+        from ..attention import weighted_attention
+
+        return weighted_attention(query, key, value, log_counts, scale=scale)
+    return run_kernel(query, key, value, log_counts, scale=scale, **tuning)
+
+
+def run_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
     target_programs: int = 528,
 ) -> torch.Tensor:
-    """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
-    ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``."""
-    if not kernel_applies(query, key, value):
-        from ..attention import weighted_attention  # its CUDA path comes back here only when the kernel applies
-
-        return weighted_attention(query, key, value, log_counts, scale=scale)
+    """The Triton kernel itself; the caller has checked :func:`kernel_applies`."""
     batch, hq, q_len, dim = query.shape
     heads, n = key.shape[1], key.shape[2]
     dim_v = value.shape[-1]
