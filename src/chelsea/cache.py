@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import weighted_attention
 from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
+from .methods._attention_scores import attention_mass
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention
 
@@ -161,17 +162,34 @@ class ClusteredLayer(_CompressedLayer):
         self.since_compression = 0
         self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
+        # Attention-ranked methods (H2O, SnapKV) need the attention each entry has received.
+        self.scored = bool(getattr(compressor, "uses_attention", False))
+        self.observation_window = getattr(compressor, "observation_window", None)
+        if self.scored:
+            self._buffers = (*ClusteredLayer._buffers, "_score_buf")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._count_buf = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
+        if self.scored:
+            self._score_buf = torch.zeros_like(self._count_buf)
 
     @property
     def log_counts(self):
         return None if not self.is_initialized else self._count_buf[:, :, : self.length]
 
+    @property
+    def scores(self):
+        """Attention received per entry (attention-ranked methods only), ``[batch, kv_heads, entries]``."""
+        return None if not (self.is_initialized and self.scored) else self._score_buf[:, :, : self.length]
+
+    def _entries(self) -> tuple[torch.Tensor, ...]:
+        """The stored per-entry tensors, one per buffer: keys, values, log-counts (and scores)."""
+        return tuple(getattr(self, name)[:, :, : self.length] for name in self._buffers)
+
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super()._append(key_states, value_states, key_states.new_zeros(key_states.shape[:3], dtype=torch.float32))
+        zeros = key_states.new_zeros(key_states.shape[:3], dtype=torch.float32)
+        super()._append(key_states, value_states, *([zeros] * (len(self._buffers) - 2)))
         self.since_compression += key_states.shape[2]
 
     # Called by the attention function -------------------------------------------------------
@@ -181,6 +199,9 @@ class ClusteredLayer(_CompressedLayer):
         if new_valid is not None:
             self.mark_padding(new_valid)
         out = weighted_attention(query, key, value, self.attention_log_counts(), scale=scale)
+        if self.scored:
+            last = self.observation_window if self.new_tokens > 1 else None
+            self.scores.add_(attention_mass(query, key, self.attention_log_counts(), scale=scale, last=last))
         self.after_attention()
         return out
 
@@ -230,13 +251,16 @@ class ClusteredLayer(_CompressedLayer):
                 self.skipped_compressions += 1
                 return
             before = self.length
-            self._store(*self._run(self.keys, self.values, self.log_counts, n_remove))
+            self._store(*self._run(self._entries(), n_remove))
             self._record(before - self.length)
             return
         self._compress_padded()
 
-    def _run(self, keys, values, log_counts, n_remove):
+    def _run(self, entries: tuple[torch.Tensor, ...], n_remove: int) -> tuple[torch.Tensor, ...]:
+        """Apply the compressor to ``entries`` (one tensor per buffer); returns as many tensors."""
         cfg = self.config
+        keys, values, log_counts, *scores = entries
+        extra = {"scores": scores[0]} if self.scored else {}
         return self.compressor(
             keys,
             values,
@@ -246,6 +270,7 @@ class ClusteredLayer(_CompressedLayer):
             sink_tokens=cfg.sink_tokens,
             window=cfg.window,
             step_fraction=cfg.step_fraction,
+            **extra,
         )
 
     def _record(self, removed: int) -> None:
@@ -259,17 +284,18 @@ class ClusteredLayer(_CompressedLayer):
         """Rows with padding: cluster each row's real entries alone, then left-pad to one length."""
         valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
         tokens = self.tokens_per_row()
+        entries = self._entries()
         rows = []
         removed = 0
         for b in range(self.keys.shape[0]):
             idx = valid[b].nonzero().squeeze(-1)
-            k, v, lc = (t[b : b + 1].index_select(2, idx) for t in (self.keys, self.values, self.log_counts))
-            n_remove = k.shape[2] - self.config.budget(tokens[b])
+            row = tuple(t[b : b + 1].index_select(2, idx) for t in entries)
+            n_remove = row[0].shape[2] - self.config.budget(tokens[b])
             if n_remove > 0:
-                before = k.shape[2]
-                k, v, lc = self._run(k, v, lc, n_remove)
-                removed = max(removed, before - k.shape[2])
-            rows.append((k, v, lc))
+                before = row[0].shape[2]
+                row = self._run(row, n_remove)
+                removed = max(removed, before - row[0].shape[2])
+            rows.append(row)
         length = max(r[0].shape[2] for r in rows)
 
         def left_pad(x: torch.Tensor, fill: float) -> torch.Tensor:
@@ -279,11 +305,8 @@ class ClusteredLayer(_CompressedLayer):
             shape = (*x.shape[:2], pad, *x.shape[3:])
             return torch.cat([x.new_full(shape, fill), x], dim=2)
 
-        self._store(
-            torch.cat([left_pad(r[0], 0.0) for r in rows]),
-            torch.cat([left_pad(r[1], 0.0) for r in rows]),
-            torch.cat([left_pad(r[2], float("-inf")) for r in rows]),
-        )
+        fills = (0.0, 0.0, float("-inf"), 0.0)  # padding slots: log-count -inf, score 0
+        self._store(*(torch.cat([left_pad(r[i], fills[i]) for r in rows]) for i in range(len(entries))))
         self._record(removed)
 
     # Cache contract ---------------------------------------------------------------------------
@@ -319,14 +342,15 @@ class ClusteredLayer(_CompressedLayer):
         return (self.log_counts > float("-inf")).sum(-1)
 
     def nbytes(self) -> int:
-        """Bytes of the stored entries: keys, values and log-counts (padding slots included).
+        """Bytes of the stored entries: keys, values, log-counts and, for the attention-ranked
+        methods, their scores (padding slots included).
 
         The buffers' spare room (at most a third of their size after growth) is not counted here;
         ``reserved_nbytes`` gives it.
         """
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.log_counts))
+        return sum(t.numel() * t.element_size() for t in self._entries())
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated for this layer's buffers, spare room included."""

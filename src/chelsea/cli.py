@@ -66,7 +66,7 @@ def generate(
     prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), clustergen (cluster summary + value samples), or the eviction baselines streaming, random, knorm.")] = "chelsea",
+    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), clustergen (cluster summary + value samples), or the eviction baselines streaming, h2o, snapkv, random, knorm.")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -195,7 +195,7 @@ def demo(
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset with random weights (llama3-8b, mistral-7b, qwen2.5-7b) or a model name/path as elsewhere.")] = DEFAULT_MODEL,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, streaming, random, knorm).")] = "chelsea",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, streaming, h2o, snapkv, random, knorm).")] = "chelsea",
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios.")] = "0.8",
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "4096",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
@@ -217,7 +217,7 @@ def bench(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:
         if m not in METHODS or m == "clustergen":
-            raise ChelseaError(f"--methods: {m!r} is not one of full, chelsea, streaming, random, knorm")
+            raise ChelseaError(f"--methods: {m!r} is not one of {', '.join(x for x in METHODS if x != 'clustergen')}")
     ratio_list = numbers(ratios, float, "--ratios")
     for r in ratio_list:
         CompressionConfig(ratio=r)

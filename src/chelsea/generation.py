@@ -105,7 +105,7 @@ def generate(
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
     ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference); the
-    other methods (``chelsea``, the eviction baselines ``streaming``, ``random``, ``knorm``, and
+    other methods (``chelsea``, the eviction baselines ``streaming``, ``h2o``, ``snapkv``, ``random``, ``knorm``, and
     ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
     ``ratio`` in the result is the setting for the ratio-based methods, 0 for ``full`` and ``None`` for
     ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).

@@ -4,18 +4,35 @@ Every function has the signature ``f(keys, values, log_counts, n_remove, *, chun
 window, step_fraction) -> (keys, values, log_counts)`` over ``[batch, kv_heads, seq, ...]`` and is
 plugged into :class:`chelsea.cache.ClusteredCache` as its ``compressor``; the budget rule is the
 same for all (ratio R removes the same number of entries).
+
+Methods that rank entries by the attention they receive (``h2o``, ``snapkv``) carry
+``uses_attention = True`` and ``observation_window`` (how many of a prompt's last queries count;
+``None`` for all). The cache then keeps a running attention score per entry, passes it in as
+``scores=`` and gets the kept entries' scores back as a fourth tensor.
 """
 
 from .chelsea import chunked_soft_matching
+from .h2o import h2o_evict
 from .knorm import knorm_evict
 from .random_eviction import random_evict
+from .snapkv import snapkv_evict
 from .streaming import streaming_evict
 
 COMPRESSORS = {
     "chelsea": chunked_soft_matching,
     "streaming": streaming_evict,
+    "h2o": h2o_evict,
+    "snapkv": snapkv_evict,
     "random": random_evict,
     "knorm": knorm_evict,
 }
 
-__all__ = ["COMPRESSORS", "chunked_soft_matching", "knorm_evict", "random_evict", "streaming_evict"]
+__all__ = [
+    "COMPRESSORS",
+    "chunked_soft_matching",
+    "h2o_evict",
+    "knorm_evict",
+    "random_evict",
+    "snapkv_evict",
+    "streaming_evict",
+]

@@ -13,14 +13,18 @@ def evict_lowest(
     n_remove: int,
     sink_tokens: int,
     window: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *extra: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Remove the ``n_remove`` entries with the lowest ``scores`` ``[B, H, seq]`` outside the protected
-    sinks and window (at most the whole region), keeping the rest in sequence order."""
+    sinks and window (at most the whole region), keeping the rest in sequence order.
+
+    Returns the kept ``keys``, ``values``, ``log_counts`` and each of ``extra`` (per-entry tensors
+    ``[B, H, seq, ...]`` that travel with the entries)."""
     length = keys.shape[2]
     start, end = min(sink_tokens, length), max(min(sink_tokens, length), length - window)
     n_remove = min(max(0, int(n_remove)), end - start)
     if n_remove == 0:
-        return keys, values, log_counts
+        return (keys, values, log_counts, *extra)
     region = scores[:, :, start:end]
     drop = region.topk(n_remove, dim=-1, largest=False).indices + start
     keep = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, drop, False)
@@ -33,4 +37,4 @@ def evict_lowest(
         idx = slot if x.dim() == 3 else slot[..., None].expand_as(x)
         return x.new_zeros(shape).scatter_(2, idx, x)[:, :, :out_len]
 
-    return compact(keys), compact(values), compact(log_counts)
+    return tuple(compact(x) for x in (keys, values, log_counts, *extra))
