@@ -1,34 +1,10 @@
 """The chelsea command, run as a user would, on a tiny local model folder (no hub needed)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-
-def chelsea_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "chelsea.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised Llama with the SmolLM2 tokenizer, saved like any local model."""
-    from transformers import AutoTokenizer
-
-    from chelsea.models import resolve
-
-    path, extra = resolve("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from clitools import chelsea_cli
+from transformers import GPT2Config, GPT2LMHeadModel
 
 
 @pytest.fixture
@@ -39,7 +15,7 @@ def prompt_file(tmp_path):
 
 
 def test_help_on_every_command():
-    for args in ([], ["demo"], ["generate"], ["models"]):
+    for args in ([], ["demo"], ["generate"], ["models"], ["eval"], ["report"], ["analyze"], ["bench"]):
         out = chelsea_cli(*args, "--help")
         assert out.returncode == 0 and "Usage" in out.stdout
 

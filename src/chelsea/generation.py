@@ -93,6 +93,15 @@ def make_cache(method: str, config: CompressionConfig | ClusterGenConfig | None)
     raise ChelseaError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
+def use_method(model, method: str) -> None:
+    """Switch ``model`` to the attention ``method`` needs: SDPA for ``full``, "chelsea" for the rest."""
+    if method != "full":
+        register()
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:
+        model.set_attn_implementation("sdpa")
+
+
 def generate(
     model,
     tokenizer,
@@ -116,11 +125,7 @@ def generate(
     check_model_config(model.config)
     prompt_tokens = inputs["input_ids"].shape[1]
     check_prompt_length(model.config, prompt_tokens, max_new_tokens)
-    if method != "full":
-        register()
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    else:
-        model.set_attn_implementation("sdpa")
+    use_method(model, method)
     device = model.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     clock = _FirstTokenClock(device)

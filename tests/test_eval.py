@@ -1,0 +1,67 @@
+"""`chelsea eval` end to end on a tiny local model: files, resumption, summary; `analyze` properties."""
+
+import csv
+import json
+
+import torch
+from clitools import chelsea_cli
+
+from chelsea.analyze import best_match_similarity, similarity_by_distance
+from chelsea.evaluate import plan
+
+
+def test_eval_writes_results_resumes_and_summarises(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "needle,passkey,ppl",
+            "--methods", "full,chelsea,snapkv,h2o", "--ratios", "0.5", "--lengths", "300", "--samples", "2",
+            "--batch-size", "2", "--window", "16", "--ppl-block", "64", "--device", "cpu"]
+    first = chelsea_cli(*args, timeout=600)
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # 2 question tasks x 2 placements x 4 settings + ppl x 4 settings, 2 samples each
+    assert len(rows) == (2 * 2 * 4 + 4) * 2
+    for r in rows:
+        if r["task"] == "ppl":
+            assert r["tokens"] == 299 and r["ppl"] > 1
+        else:
+            assert 0.0 <= r["score"] <= 1.0 and r["answers"]
+        if r["method"] == "full":
+            assert r["kv_fraction"] == 1.0
+        else:
+            assert r["kv_fraction"] < 0.65
+    second = chelsea_cli(*args, timeout=600)
+    assert second.returncode == 0 and "ran 0 samples" in second.stderr
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 2 * 2 * 4 + 4 and all(int(s["samples"]) == 2 for s in summary)
+    assert "| full | 0 |" in (out / "summary.md").read_text()
+    for name in ("accuracy_vs_ratio.png", "needle_heatmap_0.5.png", "runs.json"):
+        assert (out / name).stat().st_size > 0
+    report = chelsea_cli("report", str(out), "--no-plots")
+    assert report.returncode == 0
+
+
+def test_eval_rejects_bad_grids(tiny_model_dir, tmp_path):
+    for flag, value in (("--tasks", "magic"), ("--methods", "magic"), ("--ratios", "1.2"), ("--placements", "middle"),
+                        ("--lengths", "10")):
+        out = chelsea_cli("eval", "--model", str(tiny_model_dir), "--out", str(tmp_path), flag, value)
+        assert out.returncode == 2 and flag.lstrip("-")[:5] in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_runs_full_once_and_ratios_for_the_rest():
+    cells = plan(["needle", "ppl"], ["full", "chelsea", "clustergen"], [0.5, 0.8], [1024], ["after", "before"])
+    settings = {(c.method, c.ratio) for c in cells}
+    assert settings == {("full", 0.0), ("chelsea", 0.5), ("chelsea", 0.8), ("clustergen", None)}
+    assert len(cells) == (2 + 1) * 4
+
+
+def test_key_similarity_properties():
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(2, 1, 16, generator=g).expand(2, 64, 16)
+    assert all(abs(v - 1.0) < 1e-5 for v in similarity_by_distance(same, [1, 8, 32]))
+    assert all(abs(v - 1.0) < 1e-5 for v in best_match_similarity(same, chunk_size=8).values())
+    # pairs of identical neighbours: the alternating split always finds the twin, halves rarely can
+    twins = torch.randn(1, 32, 16, generator=g).repeat_interleave(2, dim=1)
+    scores = best_match_similarity(twins, chunk_size=8)
+    assert abs(scores["alternating"] - 1.0) < 1e-5 and scores["halves"] < 0.9
