@@ -19,6 +19,7 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:src
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+export CHELSEA_HAYSTACK=$PWD/.gpu/haystack
 timeout "$limit" python3 -m chelsea.cli eval --model qwen2.5-coder-0.5b --out /tmp/eval-run "$@" 2>&1 \
   | tr '\r' '\n' | grep -v -E "Converting|Loading weights|^eval: .*it/s\]$" | tail -40
 mkdir -p "$OUT/eval" && cp -r /tmp/eval-run/. "$OUT/eval/"

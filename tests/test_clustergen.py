@@ -116,3 +116,15 @@ def test_several_query_tokens_attend_causally_to_their_window():
     got = clustergen_attention(query, summ, win_k, win_v)
     want = weighted_attention(query, torch.cat([keys, win_k], 2), torch.cat([values, win_v], 2))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_summary", [True, False])
+def test_long_prefill_in_query_blocks_gives_the_same_output(with_summary):
+    keys, values = _data(n=30)
+    summ = _summary(keys, values, delta=0.5, s=2, t=8, block=30) if with_summary else None
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 4, 9, 8, dtype=torch.float64, generator=g)
+    win_k, win_v = torch.randn(2, 2, 12, 8, dtype=torch.float64, generator=g), torch.randn(2, 2, 12, 8, dtype=torch.float64, generator=g)
+    whole = clustergen_attention(query, summ, win_k, win_v)
+    blocked = clustergen_attention(query, summ, win_k, win_v, max_block_bytes=4 * 2 * 4 * 60)  # a few rows per block
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-12)

@@ -107,3 +107,11 @@ def test_too_short_lengths_are_refused(builder):
 
     with pytest.raises(ChelseaError, match="longer length"):
         builder.sample("cwe", 100, "after", 0)
+
+
+def test_before_placement_leaves_room_to_restate_the_question(builder, tokenizer):
+    for task in ("needle", "multikey", "vartrack"):
+        after, before = builder.sample(task, 1000, "after", 0), builder.sample(task, 1000, "before", 0)
+        # a reply that first repeats the reply prefix the "after" prompt gives, then the answers
+        restated = len(tokenizer(" " + after.meta["question"], add_special_tokens=False).input_ids)
+        assert before.max_new_tokens >= after.max_new_tokens + restated - 4

@@ -253,8 +253,11 @@ class TaskBuilder:
             guess -= overflow + 8
         context = self._context(spec, budget, rng)
         ids = head + context + tail
+        new_tokens = spec.max_new_tokens
+        if placement == "before" and spec.prefix_before != spec.prefix_after:
+            new_tokens += len(self.ids(spec.prefix_after)) + 8  # room to restate the question first
         assert len(ids) == length, (len(ids), length)
-        return Sample(task, length, placement, index, ids, spec.answers, spec.max_new_tokens, spec.depth,
+        return Sample(task, length, placement, index, ids, spec.answers, new_tokens, spec.depth,
                       {"question": spec.question})
 
     def _context(self, spec: _Spec, budget: int, rng: random.Random) -> list[int]:

@@ -17,7 +17,7 @@ def attention_mass(
     *,
     scale: float | None = None,
     last: int | None = None,
-    max_block_bytes: int = 1 << 28,
+    max_block_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """Softmax attention of the (last ``last``) queries summed per key, ``[batch, kv_heads, n]`` float32.
 

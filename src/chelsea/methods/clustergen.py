@@ -239,15 +239,27 @@ def clustergen_attention(
     window_values: torch.Tensor,
     *,
     scale: float | None = None,
+    max_block_bytes: int = 1 << 30,
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, Hq, q, D]`` over the summary plus an exact window ``[B, H, w, D]``.
 
     The last ``q`` window entries are the queries' own tokens and are attended causally; every
     summarised token lies before them. Numerator and denominator are each accumulated in
-    log-sum-exp form with their own maximum. Returns ``[B, Hq, q, Dv]``.
+    log-sum-exp form with their own maximum. A long prefill runs in blocks of query tokens so
+    that at most about ``max_block_bytes`` of logits exist at once. Returns ``[B, Hq, q, Dv]``.
     """
     batch, hq, q_len, dim = query.shape
     heads, w = window_keys.shape[1], window_keys.shape[2]
+    summarised = 0 if summary is None else summary.sample_keys.shape[2] * summary.sample_keys.shape[3] + summary.value_samples
+    block = max(1, max_block_bytes // (4 * batch * hq * (w + summarised)))
+    if q_len > block:
+        parts = []
+        for start in range(0, q_len, block):
+            end = min(q_len, start + block)
+            visible = w - q_len + end  # the block's own tokens are the last of these
+            parts.append(clustergen_attention(query[:, :, start:end], summary, window_keys[:, :, :visible],
+                                              window_values[:, :, :visible], scale=scale, max_block_bytes=max_block_bytes))
+        return torch.cat(parts, dim=2)
     groups = hq // heads
     scale = dim**-0.5 if scale is None else scale
     work = torch.promote_types(query.dtype, torch.float32)
