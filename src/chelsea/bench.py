@@ -19,6 +19,7 @@ for accuracy. Prompts are random token ids. For each configuration:
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -41,20 +42,36 @@ PRESETS = {
 }
 
 
-def load_bench_model(name: str, device: str = "auto", dtype: str = "auto"):
-    """A preset with random weights, or a real model through :func:`chelsea.models.load_model`."""
-    from .models import load_model, pick_device, pick_dtype
+def load_bench_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """A preset with random weights, or a real model through :func:`chelsea.models.load_model`.
+
+    Under tensor parallelism (or with ``device_map``) a preset is first saved once, with random
+    weights, to ``<cache dir>/presets/<name>`` by rank 0 and then loaded like any local model, so
+    transformers shards it by its own plan.
+    """
+    from .models import cache_dir, load_model, pick_device, pick_dtype, world_size
 
     if name not in PRESETS:
-        return load_model(name, device=device, dtype=dtype)[0]
+        return load_model(name, device=device, dtype=dtype, device_map=device_map)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     family, settings = PRESETS[name]
     dev = pick_device(device)
     config = AutoConfig.for_model(family, **settings)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
-    return model.eval()
+    if world_size() == 1 and device_map is None:
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev))
+        return model.eval()
+    folder = cache_dir() / "presets" / name
+    if int(os.environ.get("RANK", "0")) == 0 and not (folder / "done").is_file():
+        AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dtype, dev)).save_pretrained(folder)
+        (folder / "done").touch()
+    deadline = time.monotonic() + 1800
+    while not (folder / "done").is_file():
+        if time.monotonic() > deadline:
+            raise ChelseaError(f"rank 0 did not finish saving the {name} preset to {folder} within 30 minutes")
+        time.sleep(2)
+    return load_model(str(folder), device=device, dtype=dtype, device_map=device_map)[0]
 
 
 def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
@@ -112,16 +129,19 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
 
 
 def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
-        decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print) -> list[dict]:
+        decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
+        device_map: str | None = None) -> list[dict]:
     """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such."""
     if "full" not in methods:
         methods = ["full", *methods]
-    model = load_bench_model(model_name, device, dtype)
+    model = load_bench_model(model_name, device, dtype, device_map)
     limit = getattr(model.config, "max_position_embeddings", None)
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
         run_one(model, method, ratios[0] if method != "full" else 0.0, min(contexts[0], 1024), 1, 4)
+    from .models import world_size
+
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -132,7 +152,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
             full_ms = None
             for method in methods:
                 for ratio in ([0.0] if method == "full" else ratios):
-                    base = {"device": device_name, "model": model_name, "date": stamp}
+                    base = {"device": device_name, "model": model_name, "date": stamp, "world_size": world_size(),
+                            "device_map": device_map}
                     try:
                         record = {**base, **run_one(model, method, ratio, context, batch, decode_tokens)}
                     except torch.OutOfMemoryError:

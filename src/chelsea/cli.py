@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,10 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option("--device-map", help="Spread the layers over the visible GPUs with accelerate (e.g. auto). For tensor parallelism launch with torchrun instead."),
+]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Entries searched together for matches (>= 2).")]
 SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
@@ -81,11 +86,15 @@ def generate(
     value_samples: Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm.")] = 256,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
 ) -> None:
-    """Generate an answer to the file's text + question, with the full or a compressed cache."""
+    """Generate an answer to the file's text + question, with the full or a compressed cache.
+
+    Tensor parallel: torchrun --nproc-per-node N -m chelsea.cli generate ... (rank 0 prints).
+    """
     from .generation import encode
     from .generation import generate as run
-    from .models import load_model
+    from .models import load_model, world_size
 
     if method == "clustergen":
         config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32)
@@ -93,10 +102,10 @@ def generate(
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
-    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
     inputs = encode(tokenizer, prompt_file.read_text(encoding="utf-8"), question, chat_template=chat_template)
     result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
-    row = {"model": model, **result.to_dict()}
+    row = {"model": model, **result.to_dict(), "world_size": world_size()}
     if json_out:
         typer.echo(json.dumps(row))
         return
@@ -293,8 +302,12 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
 ) -> None:
-    """Prefill time, decode time per token, peak memory and KV bytes: full cache vs compressed."""
+    """Prefill time, decode time per token, peak memory and KV bytes: full cache vs compressed.
+
+    Tensor parallel: torchrun --nproc-per-node N -m chelsea.cli bench ... (rank 0 writes; records carry world_size).
+    """
     from .bench import run as run_bench
     from .generation import METHODS
 
@@ -312,19 +325,22 @@ def bench(
     for r in ratio_list:
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
-                        decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True))
+                        decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
+                        device_map=device_map)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
                ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),
                ("speedup_vs_full", "speed-up"), ("bandwidth_limit_speedup", "bytes limit")]
     typer.echo(_table([{k: r.get(k, r.get("error", "")) for k, _ in columns} for r in shown], columns))
-    if out is not None:
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(records, indent=2))
 
 
 def main() -> None:
     """Entry point: run the app, turning bad input into a one-line error and exit code 2."""
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints results
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         app(standalone_mode=False)
     except ChelseaError as err:

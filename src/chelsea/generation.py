@@ -38,6 +38,7 @@ class GenerationResult:
     compressed: bool
     prefill_s: float
     decode_s: float
+    tokens: list[int]  # the generated token ids
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,4 +161,5 @@ def generate(
         compressed=stats["compressed"],
         prefill_s=round(clock.first - start, 4),
         decode_s=round(end - clock.first, 4),
+        tokens=new.tolist(),
     )

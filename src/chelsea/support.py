@@ -44,3 +44,21 @@ def check_prompt_length(config, tokens: int, max_new_tokens: int = 0) -> None:
             f"prompt of {tokens} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens; "
             "shorten the prompt or lower --max-new-tokens"
         )
+
+
+def check_tensor_parallel(config, world_size: int) -> None:
+    """Raise when the attention heads cannot be split evenly over ``world_size`` ranks.
+
+    Under tensor parallelism each rank holds ``kv_heads / world_size`` KV heads (and their query
+    heads) and clusters only those; a remainder would leave a KV head split between ranks.
+    """
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if world_size < 1:
+        raise ChelseaError(f"WORLD_SIZE must be at least 1; got {world_size}")
+    for name, count in (("KV heads", kv_heads), ("attention heads", heads)):
+        if count is not None and count % world_size:
+            raise UnsupportedModelError(
+                f"the model has {count} {name}, which {world_size} tensor-parallel ranks cannot share evenly; "
+                f"run with a number of processes that divides {count} (torchrun --nproc-per-node N)"
+            )

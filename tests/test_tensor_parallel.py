@@ -1,0 +1,44 @@
+"""Tensor parallelism on the CPU: 2 processes on the gloo backend, launched by torchrun, give the
+same greedy tokens as one process, for the full cache and for Chelsea; each rank clusters only its
+own KV heads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from clitools import chelsea_cli
+
+
+
+def torchrun(nproc, *args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "chelsea.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("method", ["full", "chelsea"])
+def test_two_ranks_give_the_same_tokens_as_one(tiny_model_dir, tmp_path, method):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--method", method, "--ratio", "0.8",
+            "--window", "16", "--max-new-tokens", "12", "--json", "--no-chat-template", "--device", "cpu"]
+    one = chelsea_cli(*args)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, parallel = json.loads(one.stdout), json.loads(two.stdout)  # only rank 0 prints
+    assert single["world_size"] == 1 and parallel["world_size"] == 2
+    assert parallel["tokens"] == single["tokens"] and len(single["tokens"]) == 12
+    # each rank holds one of the two KV heads: half the bytes of the whole cache
+    assert parallel["kv_bytes"] * 2 == pytest.approx(single["kv_bytes"], rel=0.02)
+    if method == "chelsea":
+        assert parallel["kv_bytes"] < 0.3 * parallel["kv_bytes_full"]
+
+
+def test_ranks_that_cannot_share_the_kv_heads_evenly_are_refused(tiny_model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello " * 50)
+    out = torchrun(3, "generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--device", "cpu")
+    assert out.returncode != 0
+    assert "2 KV heads, which 3 tensor-parallel ranks cannot share evenly" in out.stderr
