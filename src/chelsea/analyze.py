@@ -162,6 +162,8 @@ def plot(result: dict, model_name: str, path: Path) -> None:
         for s, split in enumerate(SPLITS):
             x = [layer["layer"] + (t * len(SPLITS) + s) * width for layer in layers]
             ax.bar(x, [layer["best_match"][split] for layer in layers], width, label=f"{name}, {split}")
+    lowest = min(layer["best_match"][split] for name in texts for layer in result["texts"][name] for split in SPLITS)
+    ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
     ax.set_xlabel("layer")
     ax.set_ylabel("best-match similarity A to B")
     ax.set_title(f"partitions of chunks of {result['chunk_size']}", fontsize=9)
