@@ -107,14 +107,18 @@ def test_attention_mass_matches_a_loop_and_sums_to_the_queries(last):
     torch.testing.assert_close(mass.sum(-1), torch.full((2, 2), 2.0 * rows))  # 2 query heads per KV head
 
 
-@pytest.mark.parametrize("name", EVICTION)
-def test_baselines_run_in_a_model_with_the_same_budget_as_chelsea(name):
+def _tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = chelsea.prepare_model(LlamaForCausalLM(LlamaConfig(
+    return chelsea.prepare_model(LlamaForCausalLM(LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024)).eval())
+
+
+@pytest.mark.parametrize("name", EVICTION)
+def test_baselines_run_in_a_model_with_the_same_budget_as_chelsea(name):
+    model = _tiny_model()
     ids = torch.randint(0, 256, (1, 400))
     entries = {}
     for method in (name, "chelsea"):
@@ -128,12 +132,7 @@ def test_baselines_run_in_a_model_with_the_same_budget_as_chelsea(name):
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv"])
 def test_attention_scores_follow_the_entries_in_a_model(name):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = chelsea.prepare_model(LlamaForCausalLM(LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024)).eval())
+    model = _tiny_model()
     ids = torch.randint(0, 256, (2, 300))
     mask = torch.ones_like(ids)
     mask[1, :40] = 0  # a left-padded row takes the per-row path
