@@ -42,3 +42,13 @@ def test_ranks_that_cannot_share_the_kv_heads_evenly_are_refused(tiny_model_dir,
     out = torchrun(3, "generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--device", "cpu")
     assert out.returncode != 0
     assert "2 KV heads, which 3 tensor-parallel ranks cannot share evenly" in out.stderr
+
+
+def test_device_map_gives_the_same_tokens(tiny_model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--ratio", "0.8", "--window", "16",
+            "--max-new-tokens", "8", "--json", "--no-chat-template", "--device", "cpu"]
+    plain, mapped = chelsea_cli(*args), chelsea_cli(*args, "--device-map", "auto")
+    assert plain.returncode == 0 and mapped.returncode == 0, mapped.stderr
+    assert json.loads(mapped.stdout)["tokens"] == json.loads(plain.stdout)["tokens"]
