@@ -101,3 +101,29 @@ def test_bench_rejects_bad_lists():
     assert out.returncode == 2 and "--contexts" in out.stderr
     out = chelsea_cli("bench", "--methods", "magic")
     assert out.returncode == 2 and "--methods" in out.stderr
+
+
+@pytest.mark.parametrize("fits_up_to,limit", [(37, 1024), (1, 64), (0, 64), (64, 64), (100, 48), (5, 6)])
+def test_largest_batch_search(fits_up_to, limit):
+    from chelsea.bench import largest_batch
+
+    tried = []
+
+    def try_batch(b):
+        tried.append(b)
+        return {"batch": b} if b <= fits_up_to else None
+
+    batch, record = largest_batch(try_batch, limit)
+    expected = min(fits_up_to, limit)
+    assert batch == expected and (record == {"batch": expected} if expected else record is None)
+    assert max(tried) <= limit and len(tried) <= 2 * (limit.bit_length() + 1)
+
+
+def test_bench_max_batch_search(tiny_model_dir, tmp_path):
+    out_file = tmp_path / "bench.json"
+    out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--methods", "chelsea", "--ratios", "0.5",
+                      "--contexts", "128", "--max-batch", "3", "--decode-tokens", "2", "--out", str(out_file))
+    assert out.returncode == 0, out.stderr
+    records = json.loads(out_file.read_text())
+    assert [(r["method"], r["batch"], r["search"]) for r in records] == [("full", 3, "largest_batch"), ("chelsea", 3, "largest_batch")]
+    assert records[1]["throughput_vs_full"] > 0 and records[0]["world_size"] == 1

@@ -15,9 +15,16 @@ for accuracy. Prompts are random token ids. For each configuration:
 - ``speedup_vs_full``: full cache's decode time over this one's, same model, context and batch;
 - ``bandwidth_limit_speedup``: (weights + full KV bytes) / (weights + stored KV bytes), the
   speed-up if decoding were bound by reading weights and cache once per step.
+
+With ``max_batch`` the batch sizes are not given but searched: for each context, method and ratio
+the largest batch that runs without running out of GPU memory (doubling, then bisection), with
+its record (``search: "largest_batch"``) and ``throughput_vs_full``, its tokens per second over
+the full cache's at the full cache's own largest batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import os
 import platform
@@ -128,10 +135,39 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     }
 
 
+def largest_batch(try_batch: Callable[[int], dict | None], limit: int = 1024) -> tuple[int, dict | None]:
+    """The largest batch in ``[1, limit]`` for which ``try_batch`` returns a record (``None``: did
+    not fit), with that record. Doubling from 1, then bisection; assumes that whatever fits, every
+    smaller batch fits too. Returns ``(0, None)`` when not even one sequence fits."""
+    best, record, failed = 0, None, limit + 1
+    batch = 1
+    while batch <= limit:
+        result = try_batch(batch)
+        if result is None:
+            failed = batch
+            break
+        best, record = batch, result
+        if batch == limit:
+            return best, record
+        batch = min(2 * batch, limit)
+    while failed - best > 1:
+        mid = (best + failed) // 2
+        result = try_batch(mid)
+        if result is None:
+            failed = mid
+        else:
+            best, record = mid, result
+    return best, record
+
+
 def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
         decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
-        device_map: str | None = None) -> list[dict]:
-    """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such."""
+        device_map: str | None = None, max_batch: int | None = None) -> list[dict]:
+    """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such.
+
+    With ``max_batch`` (the search's upper limit) ``batches`` is ignored and the largest batch that
+    fits is searched for each (context, method, ratio) instead.
+    """
     if "full" not in methods:
         methods = ["full", *methods]
     model = load_bench_model(model_name, device, dtype, device_map)
@@ -145,19 +181,24 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def base() -> dict:
+        return {"device": device_name, "model": model_name, "date": stamp, "world_size": world_size(), "device_map": device_map}
+
     for context in contexts:
         if limit is not None and context + decode_tokens + 2 > limit:
             raise ChelseaError(f"--contexts {context} exceeds {model_name}'s context of {limit} tokens")
+        if max_batch is not None:
+            records += _search(model, methods, ratios, context, decode_tokens, max_batch, base(), progress)
+            continue
         for batch in batches:
             full_ms = None
             for method in methods:
                 for ratio in ([0.0] if method == "full" else ratios):
-                    base = {"device": device_name, "model": model_name, "date": stamp, "world_size": world_size(),
-                            "device_map": device_map}
                     try:
-                        record = {**base, **run_one(model, method, ratio, context, batch, decode_tokens)}
+                        record = {**base(), **run_one(model, method, ratio, context, batch, decode_tokens)}
                     except torch.OutOfMemoryError:
-                        record = {**base, "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
+                        record = {**base(), "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
                         torch.cuda.empty_cache()
                     if method == "full":
                         full_ms = record.get("decode_ms_per_token")
@@ -165,4 +206,33 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
                         record["speedup_vs_full"] = round(full_ms / record["decode_ms_per_token"], 3) if full_ms else None
                     records.append(record)
                     progress(record)
+    return records
+
+
+def _search(model, methods, ratios, context, decode_tokens, limit, base, progress) -> list[dict]:
+    """Largest fitting batch and its record for every method and ratio at one context."""
+
+    def attempt(method, ratio):
+        def try_batch(batch):
+            try:
+                return run_one(model, method, ratio, context, batch, decode_tokens)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                return None
+
+        return try_batch
+
+    records, full_tps = [], None
+    for method in methods:
+        for ratio in [0.0] if method == "full" else ratios:
+            batch, record = largest_batch(attempt(method, ratio), limit)
+            if record is None:
+                record = {"method": method, "ratio": ratio, "context": context, "batch": 0, "error": "out of memory at batch 1"}
+            record = {**base, **record, "search": "largest_batch", "batch_limit": limit}
+            if method == "full":
+                full_tps = record.get("tokens_per_s")
+            if "tokens_per_s" in record and full_tps:
+                record["throughput_vs_full"] = round(record["tokens_per_s"] / full_tps, 3)
+            records.append(record)
+            progress(record)
     return records

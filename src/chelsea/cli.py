@@ -298,6 +298,10 @@ def bench(
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios.")] = "0.8",
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "4096",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",
+    max_batch: Annotated[
+        int | None,
+        typer.Option("--max-batch", help="Instead of --batches: search the largest batch that fits (up to this many) for each method, and its throughput."),
+    ] = None,
     decode_tokens: Annotated[int, typer.Option(help="Timed decoding steps per configuration.")] = 32,
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
@@ -321,16 +325,20 @@ def bench(
     for m in method_list:
         if m not in METHODS or m == "clustergen":
             raise ChelseaError(f"--methods: {m!r} is not one of {', '.join(x for x in METHODS if x != 'clustergen')}")
+    if max_batch is not None and max_batch < 1:
+        raise ChelseaError(f"--max-batch must be at least 1; got {max_batch}")
     ratio_list = numbers(ratios, float, "--ratios")
     for r in ratio_list:
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
                         decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
-                        device_map=device_map)
+                        device_map=device_map, max_batch=max_batch)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
                ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),
                ("speedup_vs_full", "speed-up"), ("bandwidth_limit_speedup", "bytes limit")]
+    if max_batch is not None:
+        columns[-2] = ("throughput_vs_full", "tokens/s vs full")
     typer.echo(_table([{k: r.get(k, r.get("error", "")) for k, _ in columns} for r in shown], columns))
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
