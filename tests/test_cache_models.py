@@ -209,3 +209,28 @@ def test_buffers_grow_in_place_and_give_memory_back_after_clustering():
             token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         assert layer._key_buf is buffer  # decoding wrote into the same buffer, no copy per token
         assert layer.keys.data_ptr() == buffer.data_ptr()
+
+
+def test_clustergen_rows_follow_beam_reordering():
+    model = chelsea.prepare_model(tiny("llama"))
+    ids = torch.randint(0, 256, (3, 200), generator=torch.Generator().manual_seed(8))
+    cache = ClusteredCache(chelsea.ClusterGenConfig(window=16, value_samples=32))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    keys, centers, counts = layer.keys.clone(), layer.summary.centers.clone(), layer.summary.tokens().clone()
+    order = torch.tensor([2, 0, 0])
+    cache.reorder_cache(order)
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.summary.centers, centers[order])
+    assert torch.equal(layer.summary.tokens(), counts[order])
+    cache.batch_repeat_interleave(2)
+    assert layer.keys.shape[0] == 6 and layer.summary.value_keys.shape[0] == 6
+
+
+def test_clustergen_runs_beam_search():
+    model = chelsea.prepare_model(tiny("llama"))
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(9))
+    cache = ClusteredCache(chelsea.ClusterGenConfig(window=16, value_samples=32, compress_every=4))
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 212) and cache.layers[0].summary.centers.shape[0] == 3

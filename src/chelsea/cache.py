@@ -136,6 +136,27 @@ class _CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
+    # Batch rows (beam search, batch selection) ------------------------------------------------
+
+    def _map_rows(self, fn) -> None:
+        """Apply ``fn`` to every per-row tensor (buffers first, then what a subclass keeps)."""
+        if self.is_initialized:
+            for name in self._buffers:
+                setattr(self, name, fn(getattr(self, name)))
+            self._map_extra_rows(fn)
+
+    def _map_extra_rows(self, fn) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[2] + query_length if self.is_initialized else query_length, 0
 
@@ -314,26 +335,9 @@ class ClusteredLayer(_CompressedLayer):
     def reset(self) -> None:
         self.__init__(self.config, self.compressor)
 
-    def _select_rows(self, index: torch.Tensor) -> None:
-        if self.is_initialized:
-            for name in self._buffers:
-                buf = getattr(self, name)
-                setattr(self, name, buf.index_select(0, index.to(buf.device)))
-            if self.row_padding is not None:
-                self.row_padding = self.row_padding.index_select(0, index.to(self.row_padding.device))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            for name in self._buffers:
-                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
-            if self.row_padding is not None:
-                self.row_padding = self.row_padding.repeat_interleave(repeats, dim=0)
+    def _map_extra_rows(self, fn) -> None:
+        if self.row_padding is not None:
+            self.row_padding = fn(self.row_padding)
 
     # Accounting -----------------------------------------------------------------------------
 
@@ -363,8 +367,9 @@ class ClusterGenLayer(_CompressedLayer):
     """One layer for ClusterGen: sinks and a recent window kept exactly, older tokens summarised.
 
     ``keys``/``values`` hold the exact entries (sinks, then the most recent tokens); tokens that
-    leave the window go into a :class:`ClusterGenSummary` in one bulk update. Padded batches are
-    refused for now (each row would need its own window).
+    leave the window go into a :class:`ClusterGenSummary` in one bulk update. Beam search and
+    batch selection move the summary's rows with the exact entries. Padded batches are refused for
+    now (each row would need its own window).
     """
 
     def __init__(self, config: ClusterGenConfig):
@@ -400,6 +405,10 @@ class ClusterGenLayer(_CompressedLayer):
         )
         self.has_merged = True
         self.compressions += 1
+
+    def _map_extra_rows(self, fn) -> None:
+        if self.summary is not None:
+            self.summary.map_rows(fn)
 
     def reset(self) -> None:
         self.__init__(self.config)

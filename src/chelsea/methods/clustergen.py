@@ -29,6 +29,7 @@ of its centre, which is what the error bound needs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,13 @@ class ClusterGenSummary:
             value_prio=torch.full((batch, heads, value_samples + 1), float("-inf"), **z),
             generator=generator,
         )
+
+    def map_rows(self, fn) -> None:
+        """Replace every per-row tensor ``t`` by ``fn(t)`` (row selection for beam search, repeats)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, fn(value))
 
     # ------------------------------------------------------------------ updates
 
