@@ -35,7 +35,7 @@ SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
 StepOpt = Annotated[float, typer.Option("--step-fraction", help="Largest share of candidate edges merged per step, in (0, 1].")]
 EveryOpt = Annotated[
-    int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens [default: chunk size].")
+    int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
 
 
@@ -129,7 +129,7 @@ def demo(
         str,
         typer.Option(help="filler: repetitive sentences (what SmolLM2-135M can search); haystack: long essays (use a larger model, e.g. qwen2.5-coder-0.5b)."),
     ] = "filler",
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for --context haystack [default: the project's shared haystack].")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for --context haystack (default: the project's shared haystack).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 12,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -221,7 +221,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Prompts run together (same length, no padding).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the task generators.")] = 0,
     ppl_block: Annotated[int, typer.Option(help="ppl: tokens read per forward; the cache compresses after each.")] = 256,
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files [default: the project's shared haystack].")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files (default: the project's shared haystack).")] = None,
     chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template, if it has one.")] = True,
     plots: Annotated[bool, typer.Option(help="Draw the PNG plots (needs matplotlib).")] = True,
     chunk_size: ChunkOpt = 32,
@@ -272,7 +272,7 @@ def analyze(
     tokens: Annotated[int, typer.Option(help="Tokens of prose and of code to read.")] = 4096,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Chunk size of the partition check.")] = 32,
     out: Annotated[Path, typer.Option(help="Folder for analyze_<model>.json/.md/.png.")] = Path("analysis"),
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for the prose [default: the project's shared haystack].")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for the prose (default: the project's shared haystack).")] = None,
     plots: Annotated[bool, typer.Option(help="Draw the PNG plot (needs matplotlib).")] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
