@@ -3,12 +3,17 @@
 #
 # The model file travels in 8 pieces (.gpu/qwen.part0..7, made with
 # `split -n 8 -d -a 1 <qwen gguf> .gpu/qwen.part`), one per call; each call moves its piece to
-# /tmp/q. Once all are there they are joined into $CHELSEA_CACHE_DIR, gguf is installed from .whl,
-# and the eval runs (resumable) into /tmp/eval-run, copied to $OUT/eval at the end of every call.
+# /tmp/q. Once all are there they are joined into $CHELSEA_CACHE_DIR, gguf is installed from .whl
+# (`pip download --no-deps gguf -d .whl`), the haystack is read from .gpu/haystack (a copy of
+# shared/data/haystack, which does not travel by itself), and the eval runs (resumable) into
+# /tmp/eval-run, copied to $OUT/eval at the end of every call. Carry .gpu/haystack and .whl in the
+# calls that run the eval. To resume on a fresh machine, copy the previous results.jsonl to
+# .gpu/resume.jsonl and carry it too.
 #   usage: bash scripts/device_eval.sh SECONDS [chelsea eval options...]
 set -u
 limit=$1; shift
 mkdir -p /tmp/q /tmp/eval-run
+if [ -f .gpu/resume.jsonl ] && [ ! -f /tmp/eval-run/results.jsonl ]; then cp .gpu/resume.jsonl /tmp/eval-run/results.jsonl; fi
 mv .gpu/qwen.part* /tmp/q/ 2>/dev/null
 export CHELSEA_CACHE_DIR=/tmp/chelsea-cache
 target=$CHELSEA_CACHE_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
