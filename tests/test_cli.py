@@ -82,16 +82,18 @@ def test_generate_with_clustergen(tiny_model_dir, prompt_file):
 def test_bench_writes_records(tiny_model_dir, tmp_path):
     out_file = tmp_path / "bench.json"
     out = chelsea_cli(
-        "bench", "--model", str(tiny_model_dir), "--methods", "chelsea,knorm", "--ratios", "0.5",
+        "bench", "--model", str(tiny_model_dir), "--methods", "chelsea,knorm,clustergen", "--ratios", "0.5",
         "--contexts", "200", "--batches", "1,2", "--decode-tokens", "3", "--out", str(out_file))
     assert out.returncode == 0, out.stderr
     records = json.loads(out_file.read_text())
-    assert [(r["batch"], r["method"]) for r in records] == [(1, "full"), (1, "chelsea"), (1, "knorm"), (2, "full"), (2, "chelsea"), (2, "knorm")]
+    assert [(r["batch"], r["method"]) for r in records] == [
+        (b, m) for b in (1, 2) for m in ("full", "chelsea", "knorm", "clustergen")]
+    assert [r["ratio"] for r in records[:4]] == [0.0, 0.5, 0.5, None]
     for r in records:
         for key in ("device", "model", "method", "ratio", "context", "batch", "prefill_s", "decode_ms_per_token",
                     "peak_mem_bytes", "kv_bytes", "speedup_vs_full", "bandwidth_limit_speedup"):
             assert key in r
-        if r["method"] != "full":
+        if r["method"] in ("chelsea", "knorm"):
             assert r["kv_bytes"] < 0.6 * r["kv_bytes_full"] and r["bandwidth_limit_speedup"] > 1.0
     assert "speed-up" in out.stdout
 

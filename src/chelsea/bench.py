@@ -86,7 +86,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     from .attention import ATTN_IMPLEMENTATION, register
 
     device = model.device
-    config = CompressionConfig(ratio=ratio) if method != "full" else None
+    config = CompressionConfig(ratio=ratio) if method not in ("full", "clustergen") else None
     register()
     model.set_attn_implementation("sdpa" if method == "full" else ATTN_IMPLEMENTATION)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -121,7 +121,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "method": method,
-        "ratio": 0.0 if method == "full" else ratio,
+        "ratio": 0.0 if method == "full" else None if method == "clustergen" else ratio,
         "context": context,
         "batch": batch,
         "prefill_s": round(prefill, 4),
@@ -175,7 +175,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
-        run_one(model, method, ratios[0] if method != "full" else 0.0, min(contexts[0], 1024), 1, 4)
+        run_one(model, method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4)
     from .models import world_size
 
     records = []
@@ -194,7 +194,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         for batch in batches:
             full_ms = None
             for method in methods:
-                for ratio in ([0.0] if method == "full" else ratios):
+                for ratio in _settings(method, ratios):
                     try:
                         record = {**base(), **run_one(model, method, ratio, context, batch, decode_tokens)}
                     except torch.OutOfMemoryError:
@@ -207,6 +207,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
                     records.append(record)
                     progress(record)
     return records
+
+
+def _settings(method: str, ratios: list[float]) -> list[float | None]:
+    """The ratios a method runs at: 0 for the full cache, its own settings (``None``) for clustergen."""
+    return [0.0] if method == "full" else [None] if method == "clustergen" else ratios
 
 
 def _search(model, methods, ratios, context, decode_tokens, limit, base, progress) -> list[dict]:
@@ -224,7 +229,7 @@ def _search(model, methods, ratios, context, decode_tokens, limit, base, progres
 
     records, full_tps = [], None
     for method in methods:
-        for ratio in [0.0] if method == "full" else ratios:
+        for ratio in _settings(method, ratios):
             batch, record = largest_batch(attempt(method, ratio), limit)
             if record is None:
                 record = {"method": method, "ratio": ratio, "context": context, "batch": 0, "error": "out of memory at batch 1"}
