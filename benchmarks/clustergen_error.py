@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import platform
 import time
 from datetime import datetime, timezone

@@ -94,8 +94,11 @@ class _CompressedLayer(CacheLayerMixin):
         """Make every buffer hold at least ``needed`` entries (grow by half, keep the filled part)."""
         capacity = self._key_buf.shape[2]
         if needed > capacity:
-            filled = tuple(getattr(self, name)[:, :, : self.length] for name in self._buffers)
-            self._reallocate(max(needed, capacity + capacity // 2, 64), filled)
+            self._reallocate(max(needed, capacity + capacity // 2, 64), self._entries())
+
+    def _entries(self) -> tuple[torch.Tensor, ...]:
+        """The filled part of every buffer: keys, values (and log-counts, scores where kept)."""
+        return tuple(getattr(self, name)[:, :, : self.length] for name in self._buffers)
 
     def _store(self, *tensors: torch.Tensor) -> None:
         """Replace the stored entries (one tensor per buffer, same length).
@@ -203,10 +206,6 @@ class ClusteredLayer(_CompressedLayer):
     def scores(self):
         """Attention received per entry (attention-ranked methods only), ``[batch, kv_heads, entries]``."""
         return None if not (self.is_initialized and self.scored) else self._score_buf[:, :, : self.length]
-
-    def _entries(self) -> tuple[torch.Tensor, ...]:
-        """The stored per-entry tensors, one per buffer: keys, values, log-counts (and scores)."""
-        return tuple(getattr(self, name)[:, :, : self.length] for name in self._buffers)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         zeros = key_states.new_zeros(key_states.shape[:3], dtype=torch.float32)

@@ -99,11 +99,16 @@ def _config(cell: Cell, knobs: dict):
     return CompressionConfig(ratio=cell.ratio, **knobs)
 
 
+def _prepare(model, samples: list[Sample], cell: Cell, knobs: dict):
+    """The batch's token ids and a fresh cache for the cell; the model switched to its attention."""
+    ids = torch.tensor([s.input_ids for s in samples], device=model.device)
+    use_method(model, cell.method)
+    return ids, make_cache(cell.method, _config(cell, knobs))
+
+
 def _answer(model, tokenizer, samples: list[Sample], cell: Cell, knobs: dict) -> list[dict]:
     """Greedy replies of one batch of equal-length prompts with the cell's cache."""
-    ids = torch.tensor([s.input_ids for s in samples], device=model.device)
-    cache = make_cache(cell.method, _config(cell, knobs))
-    use_method(model, cell.method)
+    ids, cache = _prepare(model, samples, cell, knobs)
     new_tokens = max(s.max_new_tokens for s in samples)
     with torch.inference_mode():
         out = model.generate(
@@ -120,9 +125,7 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, knobs: dict) ->
 
 def _perplexity(model, samples: list[Sample], cell: Cell, knobs: dict, block: int) -> list[dict]:
     """Negative log-likelihood of each sample read ``block`` tokens at a time through the cell's cache."""
-    ids = torch.tensor([s.input_ids for s in samples], device=model.device)
-    cache = make_cache(cell.method, _config(cell, knobs))
-    use_method(model, cell.method)
+    ids, cache = _prepare(model, samples, cell, knobs)
     nll = torch.zeros(len(samples), dtype=torch.float64, device=model.device)
     with torch.inference_mode():
         for start in range(0, ids.shape[1] - 1, block):

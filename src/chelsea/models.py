@@ -175,16 +175,13 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
     ranks = world_size()
     if ranks > 1 and device_map is not None:
         raise ChelseaError("--device-map and a torchrun launch (tensor parallelism) cannot be combined; use one of them")
+    dev = pick_device(device)
+    placement = {}
     if ranks > 1:
         check_tensor_parallel(config, ranks)
-        dev = pick_device(device)
         placement = _tensor_parallel_kwargs()
     elif device_map is not None:
-        dev = pick_device(device)
         placement = {"device_map": device_map}
-    else:
-        dev = pick_device(device)
-        placement = {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), **placement, **extra)

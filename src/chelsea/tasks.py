@@ -247,11 +247,12 @@ class TaskBuilder:
                 user = f"{spec.instruction} {spec.question}\n\n{CONTEXT_MARK}"
                 head, tail = self.frame(user, spec.prefix_before)
             budget = length - len(head) - len(tail)
-            overflow = sum(len(self.ids(item)) for item in spec.items) - budget
+            listed = [i for item in spec.items for i in self.ids(item)]  # the cwe list, tokenized once
+            overflow = len(listed) - budget
             if overflow <= 0 or guess < 64:
                 break
             guess -= overflow + 8
-        context = self._context(spec, budget, rng)
+        context = self._context(spec, budget, rng, listed)
         ids = head + context + tail
         new_tokens = spec.max_new_tokens
         if placement == "before" and spec.prefix_before != spec.prefix_after:
@@ -260,12 +261,10 @@ class TaskBuilder:
         return Sample(task, length, placement, index, ids, spec.answers, new_tokens, spec.depth,
                       {"question": spec.question})
 
-    def _context(self, spec: _Spec, budget: int, rng: random.Random) -> list[int]:
-        """Exactly ``budget`` ids: background with the facts inserted at sentence ends."""
+    def _context(self, spec: _Spec, budget: int, rng: random.Random, body: list[int]) -> list[int]:
+        """Exactly ``budget`` ids: background with the facts inserted at sentence ends, or the
+        tokenized list ``body`` (``list`` background) after a little haystack text."""
         if spec.background == "list":
-            body: list[int] = []
-            for item in spec.items:
-                body += self.ids(item)
             if len(body) > budget:
                 raise ChelseaError(f"the word list needs {len(body)} tokens but only {budget} are left; use a longer length")
             return self.background("haystack")[: budget - len(body)] + body
