@@ -8,12 +8,14 @@
 # shared/data/haystack, which does not travel by itself), and the eval runs (resumable) into
 # /tmp/eval-run, copied to $OUT/eval at the end of every call. Carry .gpu/haystack and .whl in the
 # calls that run the eval. To resume on a fresh machine, copy the previous results.jsonl to
-# .gpu/resume.jsonl and carry it too.
+# .gpu/resume.jsonl (and runs.json to .gpu/resume-runs.json, so the record of earlier invocations
+# continues) and carry them too.
 #   usage: bash scripts/device_eval.sh SECONDS [chelsea eval options...]
 set -u
 limit=$1; shift
 mkdir -p /tmp/q /tmp/eval-run
 if [ -f .gpu/resume.jsonl ] && [ ! -f /tmp/eval-run/results.jsonl ]; then cp .gpu/resume.jsonl /tmp/eval-run/results.jsonl; fi
+if [ -f .gpu/resume-runs.json ] && [ ! -f /tmp/eval-run/runs.json ]; then cp .gpu/resume-runs.json /tmp/eval-run/runs.json; fi
 mv .gpu/qwen.part* /tmp/q/ 2>/dev/null
 export CHELSEA_CACHE_DIR=/tmp/chelsea-cache
 target=$CHELSEA_CACHE_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf

@@ -8,6 +8,7 @@ from clitools import chelsea_cli
 
 from chelsea.analyze import best_match_similarity, similarity_by_distance
 from chelsea.evaluate import plan
+from chelsea.report import markdown, summarise
 
 
 def test_eval_writes_results_resumes_and_summarises(tiny_model_dir, tmp_path):
@@ -54,6 +55,23 @@ def test_plan_runs_full_once_and_ratios_for_the_rest():
     settings = {(c.method, c.ratio) for c in cells}
     assert settings == {("full", 0.0), ("chelsea", 0.5), ("chelsea", 0.8), ("clustergen", None)}
     assert len(cells) == (2 + 1) * 4
+
+
+def test_report_tables_per_placement_average_the_tasks():
+    def row(task, placement, method, ratio, score):
+        return {"task": task, "placement": placement, "length": 1024, "method": method, "ratio": ratio, "score": score,
+                "kv_fraction": 1.0 if method == "full" else 0.2}
+
+    rows = [row("needle", "before", "full", 0.0, 1.0), row("passkey", "before", "full", 0.0, 0.5),
+            row("needle", "before", "chelsea", 0.8, 1.0), row("needle", "before", "chelsea", 0.8, 0.0),
+            row("passkey", "before", "chelsea", 0.8, 1.0), row("needle", "before", "clustergen", None, 1.0),
+            row("needle", "after", "chelsea", 0.8, 0.0), row("passkey", "before", "chelsea", 0.5, 0.0)]
+    text = markdown(summarise(rows))
+    table = text.split("### Question before the context, 1024 tokens, ratio 0.8")[1].split("###")[0]
+    assert "| full | 100 | 50 | 75 |" in table
+    assert "| chelsea | 50 | 100 | 75 |" in table  # needle: mean of two samples; the 0.5 row is elsewhere
+    assert "| clustergen | 100 |  |  |" in table  # not run on passkey: no mean
+    assert "### Question after the context, 1024 tokens, ratio 0.8" in text
 
 
 def test_key_similarity_properties():

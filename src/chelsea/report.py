@@ -2,8 +2,9 @@
 
 - ``summary.csv``: one line per task x placement x length x method x ratio: samples, mean score
   (question tasks) or perplexity (``ppl``, from the summed log-likelihoods), mean KV fraction.
-- ``summary.md``: the same, readable: a headline table at one ratio (0.8 when run), then one
-  table per task and placement with lengths as columns and the full cache as the first row.
+- ``summary.md``: the same, readable: a headline table at one ratio (0.8 when run), the question
+  tasks at that ratio for each placement and length (with the mean over tasks), then one table
+  per task and placement with lengths as columns and the full cache as the first row.
 - ``accuracy_vs_ratio.png``: score (or perplexity) against compression ratio, one panel per task
   and placement, one line per method, the full cache dashed.
 - ``needle_heatmap_<ratio>.png``: needle accuracy over length x depth, one panel per method.
@@ -91,6 +92,7 @@ def markdown(summary: list[dict], headline_ratio: float = 0.8) -> str:
                 cells.append(f"{mean:.2f}" if task == "ppl" else f"{100 * mean:.0f}")
             lines.append(f"| {method} | {_ratio_label(ratio)} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _placement_tables(summary, r0)
     for task, placement in columns:
         part = [e for e in summary if (e["task"], e["placement"]) == (task, placement)]
         lengths = sorted({e["length"] for e in part})
@@ -105,6 +107,24 @@ def markdown(summary: list[dict], headline_ratio: float = 0.8) -> str:
             lines.append(f"| {method} | {_ratio_label(ratio)} | {kv} | " + " | ".join(_fmt(row.get(k)) for k in lengths) + f" | {n} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _placement_tables(summary: list[dict], ratio: float) -> list[str]:
+    """Question tasks at ``ratio``, one table per placement and length, with each method's mean
+    over the tasks (left blank where the method was not run on all of them)."""
+    lines = []
+    questions = [e for e in summary if e["task"] != "ppl" and e["ratio"] in (ratio, 0.0, None)]
+    for placement, length in sorted({(e["placement"], e["length"]) for e in questions}):
+        part = [e for e in questions if (e["placement"], e["length"]) == (placement, length)]
+        tasks = sorted({e["task"] for e in part})
+        lines += [f"### Question {placement} the context, {length} tokens, ratio {ratio:g}", "",
+                  "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+        for method, r in _settings(part):
+            cells = {e["task"]: e for e in part if (e["method"], e["ratio"]) == (method, r)}
+            mean = f"{100 * sum(e['score'] for e in cells.values()) / len(cells):.0f}" if len(cells) == len(tasks) else ""
+            lines.append(f"| {method} | " + " | ".join(_fmt(cells.get(t)) for t in tasks) + f" | {mean} |")
+        lines.append("")
+    return lines
 
 
 def _plt():
