@@ -14,7 +14,12 @@ queries:
 - ``mem_frac``: bytes of summary + exact tokens / bytes of the full cache of ``n`` tokens;
 - ``rel_err``: ||estimate - exact|| / ||exact|| of the attention output;
 - ``bound_ratio``: ||estimate - exact|| / (||softmax(q K)||_2 * ||V||_op), the error measured in the
-  unit of SubGen's bound (error <= eps * ||softmax(q K)||_2 * ||V||_op); this is the eps observed.
+  unit of SubGen's bound (error <= eps * ||softmax(q K)||_2 * ||V||_op); this is the eps observed;
+- ``drop_err``: the relative error of attending to the sinks and window alone (the summarised
+  tokens dropped, as StreamingLLM does): a summary is only worth its bytes below this.
+
+Both numerators are measured (``--numerators``): the paper's value-norm sample (``values``) and
+the cluster members' own values (``clusters``). ``--per-layer`` also writes one row per layer.
 
 Usage: python benchmarks/clustergen_error.py --model qwen2.5-coder-0.5b --max-tokens 16384 --out results/issue4
 """
@@ -60,7 +65,7 @@ def spectral_norm(v: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(v.double(), ord=2).item()
 
 
-def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
+def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, numerator="values", seed=0):
     """q [Hq, N, D], k/v [H, N, D]; context n. Returns a dict of metrics."""
     hq, heads, dim = q.shape[0], k.shape[0], k.shape[-1]
     groups = hq // heads
@@ -68,10 +73,10 @@ def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
     old_k, old_v = k[None, :, old], v[None, :, old]
     norm = torch.linalg.vector_norm(old_k, dim=-1).median().item()
     summ = ClusterGenSummary.empty(1, heads, dim, delta=delta_rel * norm, cluster_samples=s, value_samples=t,
-                                   generator=torch.Generator().manual_seed(seed))
+                                   numerator=numerator, generator=torch.Generator().manual_seed(seed))
     summ.update(old_k, old_v)
     scale = dim**-0.5
-    errs, ratios = [], []
+    errs, ratios, drops = [], [], []
     for p in range(n - queries, n):
         exact_k = torch.cat([k[:, :sinks], k[:, sinks : n - window], k[:, n - window : p + 1]], 1)
         exact_v = torch.cat([v[:, :sinks], v[:, sinks : n - window], v[:, n - window : p + 1]], 1)
@@ -79,12 +84,14 @@ def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
         win_v = torch.cat([v[:, :sinks], v[:, n - window : p + 1]], 1)[None]
         query = q[:, p][None, :, None, :]
         est = clustergen_attention(query, summ, win_k, win_v, scale=scale)[0, :, 0]
+        dropped = clustergen_attention(query, None, win_k, win_v, scale=scale)[0, :, 0]
         for h in range(hq):
             kv = h // groups
             probs = torch.softmax(scale * exact_k[kv] @ q[h, p], -1)
             exact = probs @ exact_v[kv]
             err = torch.linalg.vector_norm(est[h] - exact).item()
             errs.append(err / torch.linalg.vector_norm(exact).item())
+            drops.append(torch.linalg.vector_norm(dropped[h] - exact).item() / torch.linalg.vector_norm(exact).item())
             ratios.append(err / (torch.linalg.vector_norm(probs).item() * spectral_norm(exact_v[kv])))
     per_token = 2 * dim * 4
     exact_tokens = sinks + window
@@ -94,6 +101,7 @@ def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, seed=0):
         "mem_frac": mem / (n * per_token),
         "rel_err": sum(errs) / len(errs),
         "bound_ratio": sum(ratios) / len(ratios),
+        "drop_err": sum(drops) / len(drops),
     }
 
 
@@ -107,6 +115,8 @@ def main() -> None:
     parser.add_argument("--deltas", default="0.3,0.5,0.7")
     parser.add_argument("--value-samples", default="64,256")
     parser.add_argument("--cluster-samples", type=int, default=4)
+    parser.add_argument("--numerators", default="values,clusters")
+    parser.add_argument("--per-layer", action="store_true", help="Also one row per layer (column layer).")
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/issue4"))
     args = parser.parse_args()
@@ -124,13 +134,19 @@ def main() -> None:
     rows = []
     for n in lengths:
         for delta in (float(x) for x in args.deltas.split(",")):
-            for t in (int(x) for x in args.value_samples.split(",")):
-                metrics = [evaluate(*store[layer], n, sinks=4, window=64, queries=args.queries, delta_rel=delta,
-                                    s=args.cluster_samples, t=t) for layer in layers]
-                row = {"context": n, "delta": delta, "cluster_samples": args.cluster_samples, "value_samples": t}
-                row.update({key: round(sum(m[key] for m in metrics) / len(metrics), 4) for key in metrics[0]})
-                rows.append(row)
-                print(row, flush=True)
+            for numerator in args.numerators.split(","):
+                samples = [int(x) for x in args.value_samples.split(",")] if numerator == "values" else [0]
+                for t in samples:
+                    metrics = [evaluate(*store[layer], n, sinks=4, window=64, queries=args.queries, delta_rel=delta,
+                                        s=args.cluster_samples, t=max(t, 1), numerator=numerator) for layer in layers]
+                    base = {"context": n, "delta": delta, "numerator": numerator, "cluster_samples": args.cluster_samples,
+                            "value_samples": t, "layer": "mean"}
+                    row = {**base, **{key: round(sum(m[key] for m in metrics) / len(metrics), 4) for key in metrics[0]}}
+                    rows.append(row)
+                    print(row, flush=True)
+                    if args.per_layer:
+                        rows += [{**base, "layer": layer, **{key: round(v, 4) for key, v in m.items()}}
+                                 for layer, m in zip(layers, metrics)]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "clustergen_error.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -148,20 +164,26 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("layer", "mean") == "mean"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    settings = sorted({(r["delta"], r["value_samples"]) for r in rows})
-    for delta, t in settings:
-        sel = [r for r in rows if r["delta"] == delta and r["value_samples"] == t]
-        a.plot([r["mem_frac"] for r in sel], [r["rel_err"] for r in sel], "o-", label=f"delta={delta}, t={t}")
+    settings = sorted({(r.get("numerator", "values"), r["delta"], r["value_samples"]) for r in rows})
+    for numerator, delta, t in settings:
+        sel = [r for r in rows if (r.get("numerator", "values"), r["delta"], r["value_samples"]) == (numerator, delta, t)]
+        label = f"{numerator}, delta={delta}" + (f", t={t}" if numerator == "values" else "")
+        a.plot([r["mem_frac"] for r in sel], [r["rel_err"] for r in sel], "o-" if numerator == "clusters" else "s--", label=label)
         for r in sel:
             a.annotate(f"{r['context'] // 1024}K", (r["mem_frac"], r["rel_err"]), fontsize=7)
+    if "drop_err" in rows[0]:
+        by_context = {r["context"]: r["drop_err"] for r in rows}
+        a.plot([(4 + 64) / n for n in by_context], list(by_context.values()), "kx:", label="window only (dropped)")
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("memory / full cache")
     a.set_ylabel("relative error of attention output")
-    a.legend(fontsize=7)
+    a.legend(fontsize=6)
+    first = settings[0]
     for delta in sorted({r["delta"] for r in rows}):
-        sel = [r for r in rows if r["delta"] == delta and r["value_samples"] == rows[0]["value_samples"]]
+        sel = [r for r in rows if r["delta"] == delta and (r.get("numerator", "values"), r["value_samples"]) == (first[0], first[2])]
         b.plot([r["context"] for r in sel], [r["clusters"] for r in sel], "o-", label=f"delta={delta}")
     ctx = sorted({r["context"] for r in rows})
     b.plot(ctx, ctx, "k:", label="one cluster per token")

@@ -181,7 +181,7 @@ def test_clustergen_in_its_exact_limit_generates_like_the_full_cache():
     for layer in cache.layers:
         # Exact entries are sinks + window (+ at most compress_every pending); the rest is summarised.
         assert layer.keys.shape[2] <= 4 + 16 + 8
-        torch.testing.assert_close(layer.summary.tokens(), torch.full((1, 2), float(329 - layer.keys.shape[2])))
+        torch.testing.assert_close(layer.summary.tokens(), torch.full((1, 2), 329.0 - layer.keys.shape[2], dtype=torch.float64))
 
 
 def test_clustergen_refuses_padded_batches():

@@ -16,19 +16,23 @@ def _data(n=60, batch=2, heads=2, dim=8, seed=0):
     return keys, values
 
 
-def _summary(keys, values, *, delta, s, t, block, seed=0):
+NUMERATORS = ["values", "clusters"]
+
+
+def _summary(keys, values, *, delta, s, t, block, seed=0, numerator="values"):
     batch, heads, n, dim = keys.shape
     summ = ClusterGenSummary.empty(batch, heads, dim, delta=delta, cluster_samples=s, value_samples=t, capacity=4,
-                                   dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+                                   dtype=torch.float64, generator=torch.Generator().manual_seed(seed), numerator=numerator)
     for start in range(0, n, block):
         summ.update(keys[:, :, start : start + block], values[:, :, start : start + block])
     return summ
 
 
+@pytest.mark.parametrize("numerator", NUMERATORS)
 @pytest.mark.parametrize("block", [1, 7, 60])
-def test_exact_when_delta_zero_and_samples_cover_everything(block):
+def test_exact_when_delta_zero_and_samples_cover_everything(block, numerator):
     keys, values = _data()
-    summ = _summary(keys, values, delta=0.0, s=4, t=60, block=block)
+    summ = _summary(keys, values, delta=0.0, s=4, t=60, block=block, numerator=numerator)
     assert torch.equal(summ.n_clusters, torch.full((2, 2), 60))
     torch.manual_seed(1)
     query = torch.randn(2, 6, 1, 8, dtype=torch.float64)
@@ -38,10 +42,11 @@ def test_exact_when_delta_zero_and_samples_cover_everything(block):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_exact_with_large_clusters_when_samples_cover_members():
+@pytest.mark.parametrize("numerator", NUMERATORS)
+def test_exact_with_large_clusters_when_samples_cover_members(numerator):
     keys, values = _data(n=40)
     keys = keys[:, :, torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(2))]  # 8 distinct keys
-    summ = _summary(keys, values, delta=0.0, s=40, t=40, block=9)
+    summ = _summary(keys, values, delta=0.0, s=40, t=40, block=9, numerator=numerator)
     assert int(summ.n_clusters.max()) < 40
     query = torch.randn(2, 2, 1, 8, dtype=torch.float64)
     own_k, own_v = torch.randn(2, 2, 1, 8, dtype=torch.float64), torch.randn(2, 2, 1, 8, dtype=torch.float64)
@@ -69,7 +74,8 @@ def _estimated_sums(summ, query, scale):
     return den.exp().sum(-1), num.exp() @ values
 
 
-def test_estimators_are_unbiased():
+@pytest.mark.parametrize("numerator", NUMERATORS)
+def test_estimators_are_unbiased(numerator):
     keys, values = _data(n=50, batch=1, heads=1, dim=4)
     values = values * torch.linspace(0.2, 3.0, 50, dtype=torch.float64)[None, None, :, None]  # unequal norms
     query = torch.randn(1, 1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -79,7 +85,7 @@ def test_estimators_are_unbiased():
     exact_num = logits.exp() @ values
     dens, nums = [], []
     for seed in range(400):
-        summ = _summary(keys, values, delta=2.5, s=2, t=8, block=17, seed=seed)
+        summ = _summary(keys, values, delta=2.5, s=2, t=8, block=17, seed=seed, numerator=numerator)
         d, n = _estimated_sums(summ, query, scale)
         dens.append(d)
         nums.append(n)
@@ -88,6 +94,24 @@ def test_estimators_are_unbiased():
         mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
         assert bool(((mean - exact).abs() <= 3 * se + 1e-12).all()), (mean, exact, se)
         assert bool((se > 0).all())  # the estimate really is random here, so the check can fail
+
+
+def test_member_numerator_stays_inside_the_values_hull_and_keeps_no_value_sample():
+    """With coarse clusters the member estimate is a weighted mean of stored values: every output
+    coordinate lies between the smallest and largest value coordinate; the paper's estimator,
+    a ratio of two independent estimates, does not promise that."""
+    keys, values = _data(n=200, batch=1, heads=1, dim=8, seed=3)
+    summ = _summary(keys, values, delta=6.0, s=2, t=8, block=50, numerator="clusters")
+    # Bytes held: per cluster a centre, 2 member keys and 2 member values (8 float64 each), a count and
+    # 2 priorities; no value sample (one empty threshold slot: key, value, weight, priority).
+    clusters = summ.n_clusters.item()
+    assert summ.value_keys.shape[2] == 1
+    assert summ.nbytes() == clusters * ((1 + 2 + 2) * 8 * 8 + 3 * 8) + (8 + 8 + 1 + 1) * 8
+    query = 3 * torch.randn(1, 4, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    own_k, own_v = keys[:, :, -5:], values[:, :, -5:]
+    out = clustergen_attention(query, summ, own_k, own_v)
+    low, high = values.amin(2, keepdim=True), values.amax(2, keepdim=True)
+    assert bool(((out >= low - 1e-9) & (out <= high + 1e-9)).all())
 
 
 def test_summary_is_smaller_than_the_stream_for_clustered_keys():

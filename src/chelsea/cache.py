@@ -395,7 +395,8 @@ class ClusterGenLayer(_CompressedLayer):
             self.summary = ClusterGenSummary.empty(
                 batch, heads, dim, old_v.shape[-1], delta=self.config.delta * scale,
                 cluster_samples=self.config.cluster_samples, value_samples=self.config.value_samples,
-                dtype=torch.float32, device=old_k.device,
+                numerator=self.config.numerator,
+                dtype=old_k.dtype, device=old_k.device,
             )
         self.summary.update(old_k, old_v)
         self._store(

@@ -34,6 +34,10 @@ ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Entries searched to
 SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
 StepOpt = Annotated[float, typer.Option("--step-fraction", help="Largest share of candidate edges merged per step, in (0, 1].")]
+DeltaOpt = Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")]
+ClusterSamplesOpt = Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")]
+ValueSamplesOpt = Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm (--numerator values).")]
+NumeratorOpt = Annotated[str, typer.Option(help="clustergen: numerator from the cluster members ('clusters') or the paper's value sample ('values').")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
@@ -81,9 +85,10 @@ def generate(
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
     compress_every: EveryOpt = None,
-    delta: Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")] = 1.0,
-    cluster_samples: Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")] = 4,
-    value_samples: Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm.")] = 256,
+    delta: DeltaOpt = 1.0,
+    cluster_samples: ClusterSamplesOpt = 4,
+    value_samples: ValueSamplesOpt = 256,
+    numerator: NumeratorOpt = "clusters",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -97,7 +102,7 @@ def generate(
     from .models import load_model, world_size
 
     if method == "clustergen":
-        config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32)
+        config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32, numerator)
     else:
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
     if not prompt_file.is_file():
@@ -228,6 +233,10 @@ def eval_(
     sinks: SinkOpt = 4,
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
+    delta: DeltaOpt = 1.0,
+    cluster_samples: ClusterSamplesOpt = 4,
+    value_samples: ValueSamplesOpt = 256,
+    numerator: NumeratorOpt = "clusters",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -242,10 +251,12 @@ def eval_(
     cells = plan(**grid)
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction)
     CompressionConfig(**knobs)
+    clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     done = run_eval(lm, tokenizer, out, model_name=model, samples=samples, batch_size=batch_size, seed=seed,
-                    ppl_block=ppl_block, haystack=haystack, chat_template=chat_template, knobs=knobs, **grid)
+                    ppl_block=ppl_block, haystack=haystack, chat_template=chat_template, knobs=knobs,
+                    clustergen=clustergen if "clustergen" in grid["methods"] else None, **grid)
     typer.echo(f"ran {done['ran']} samples, {done['skipped']} already in {out / 'results.jsonl'}", err=True)
     for path in write_report(out, plots=plots):
         typer.echo(f"wrote {path}", err=True)

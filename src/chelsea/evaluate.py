@@ -93,10 +93,10 @@ def load_rows(out_dir: Path) -> list[dict]:
 
 def _config(cell: Cell, knobs: dict):
     if cell.method == "clustergen":
-        return ClusterGenConfig(sink_tokens=knobs.get("sink_tokens", 4), window=knobs.get("window", 64))
+        return knobs.get("clustergen") or ClusterGenConfig(sink_tokens=knobs.get("sink_tokens", 4), window=knobs.get("window", 64))
     if cell.method == "full":
         return None
-    return CompressionConfig(ratio=cell.ratio, **knobs)
+    return CompressionConfig(ratio=cell.ratio, **{k: v for k, v in knobs.items() if k != "clustergen"})
 
 
 def _prepare(model, samples: list[Sample], cell: Cell, knobs: dict):
@@ -162,17 +162,22 @@ def run_eval(
     haystack: Path | None = None,
     chat_template: bool = True,
     knobs: dict | None = None,
+    clustergen: ClusterGenConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Run every unfinished sample of the grid, appending to ``out_dir/results.jsonl``.
 
     Returns ``{"ran": n, "skipped": m}``. ``knobs`` are the compression settings other than the
-    ratio (``chunk_size``, ``sink_tokens``, ``window``, ``step_fraction``).
+    ratio (``chunk_size``, ``sink_tokens``, ``window``, ``step_fraction``); ``clustergen`` the
+    settings of that method (default: its defaults with the same sinks and window). Rows do not
+    carry these settings, so a folder made with other settings is refused rather than mixed.
     """
     if samples < 1 or batch_size < 1 or ppl_block < 16:
         raise ChelseaError("--samples and --batch-size must be at least 1 and --ppl-block at least 16")
     knobs = dict(knobs or {})
     CompressionConfig(**knobs)
+    settings = {"knobs": knobs, "clustergen": clustergen.to_dict() if clustergen is not None else None}
+    _check_same_settings(Path(out_dir), settings)
     cells = plan(tasks, methods, ratios, lengths, placements)
     for n in lengths:
         check_prompt_length(model.config, n, 64)
@@ -182,7 +187,7 @@ def run_eval(
     todo = [(c, i) for c in cells for i in range(samples) if (c.task, c.placement, c.length, c.method, c.ratio, i) not in done]
     _log_run(out_dir, model_name, model, locals_=dict(tasks=tasks, methods=methods, ratios=ratios, lengths=lengths,
              placements=placements, samples=samples, batch_size=batch_size, seed=seed, ppl_block=ppl_block,
-             chat_template=chat_template, knobs=knobs))
+             chat_template=chat_template, **settings))
     if not todo:
         return {"ran": 0, "skipped": len(cells) * samples}
     builder = TaskBuilder(tokenizer, haystack=haystack, chat_template=chat_template, seed=seed)
@@ -206,9 +211,9 @@ def run_eval(
                 _sync(model.device)
                 start = time.perf_counter()
                 if cell.task == "ppl":
-                    results = _perplexity(model, items, cell, knobs, ppl_block)
+                    results = _perplexity(model, items, cell, {**knobs, "clustergen": clustergen}, ppl_block)
                 else:
-                    results = _answer(model, tokenizer, items, cell, knobs)
+                    results = _answer(model, tokenizer, items, cell, {**knobs, "clustergen": clustergen})
                 _sync(model.device)
                 seconds = (time.perf_counter() - start) / len(items)
                 for i, result in zip(batch, results):
@@ -219,6 +224,24 @@ def run_eval(
                 bar.update(len(batch))
     bar.close()
     return {"ran": len(todo), "skipped": len(cells) * samples - len(todo)}
+
+
+def _check_same_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to add rows to a folder whose last run used other compression settings."""
+    path = out_dir / "runs.json"
+    if not path.is_file():
+        return
+    runs = json.loads(path.read_text())
+    for name, value in settings.items():
+        if name == "clustergen":  # compare with the last run that had clustergen in it
+            if value is None:
+                continue
+            before = next((r[name] for r in reversed(runs) if r.get(name) is not None), value)
+        else:
+            before = runs[-1].get(name, value)
+        if before != value:
+            raise ChelseaError(f"{out_dir} holds results made with other {name} settings ({before} instead of {value}); "
+                               "use a new --out folder, or the same settings to resume")
 
 
 def _log_run(out_dir: Path, model_name: str, model, locals_: dict) -> None:

@@ -20,6 +20,14 @@ largest, and let ``tau`` be the next largest priority seen. Each kept pair stand
 which are never exact, with a sampler that streams, updates in bulk with one top-k, and is exact in
 the limit.
 
+Numerator, alternative (``numerator="clusters"``, not in the paper): each sampled cluster member
+also keeps its value, and the numerator is estimated from the same stratified sample as the
+denominator: ``sum_c count_c / |S_c| * sum_{k in S_c} exp(s q.k) v_k``. It is unbiased for the
+numerator too, exact when every cluster keeps all its members, needs no value sample, and the
+ratio of the two estimates is a convex combination of stored values, so the output cannot leave
+their hull. On real keys the value sample's estimate often lands far outside it (the ratio of two
+independent estimates), which is why this option exists (benchmarks/clustergen_error.py).
+
 Bulk updates (prefill) are vectorised: keys first join existing clusters in one distance
 computation; the keys left over open clusters greedily, one new cluster per head per iteration, so
 the loop runs over new clusters, not tokens. Within one block, a key may join an existing cluster
@@ -58,7 +66,12 @@ class ClusterGenSummary:
     values: torch.Tensor
     value_weight: torch.Tensor
     value_prio: torch.Tensor
+    member_values: torch.Tensor | None = None
     generator: torch.Generator | None = None
+
+    @property
+    def numerator(self) -> str:
+        return "values" if self.member_values is None else "clusters"
 
     @classmethod
     def empty(
@@ -71,6 +84,7 @@ class ClusterGenSummary:
         delta: float,
         cluster_samples: int = 4,
         value_samples: int = 64,
+        numerator: str = "values",
         capacity: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -78,23 +92,29 @@ class ClusterGenSummary:
     ) -> "ClusterGenSummary":
         if delta < 0:
             raise ValueError(f"delta must be >= 0; got {delta}")
-        if cluster_samples < 1 or value_samples < 1:
+        if cluster_samples < 1 or (value_samples < 1 and numerator == "values"):
             raise ValueError(f"cluster_samples and value_samples must be >= 1; got {cluster_samples}, {value_samples}")
+        if numerator not in ("values", "clusters"):
+            raise ValueError(f"numerator must be 'values' or 'clusters'; got {numerator!r}")
         value_dim = value_dim or head_dim
-        z = dict(dtype=dtype, device=device)
+        z = dict(dtype=dtype, device=device)  # stored vectors
+        w = dict(dtype=torch.promote_types(dtype, torch.float32), device=device)  # counts, priorities, weights
+        if numerator == "clusters":
+            value_samples = 0  # the members carry the values; no separate sample
         return cls(
             delta=float(delta),
             cluster_samples=cluster_samples,
             value_samples=value_samples,
             centers=torch.zeros(batch, heads, capacity, head_dim, **z),
-            counts=torch.zeros(batch, heads, capacity, **z),
+            counts=torch.zeros(batch, heads, capacity, **w),
             n_clusters=torch.zeros(batch, heads, dtype=torch.long, device=device),
             sample_keys=torch.zeros(batch, heads, capacity, cluster_samples, head_dim, **z),
-            sample_prio=torch.full((batch, heads, capacity, cluster_samples), float("inf"), **z),
+            sample_prio=torch.full((batch, heads, capacity, cluster_samples), float("inf"), **w),
             value_keys=torch.zeros(batch, heads, value_samples + 1, head_dim, **z),
             values=torch.zeros(batch, heads, value_samples + 1, value_dim, **z),
-            value_weight=torch.zeros(batch, heads, value_samples + 1, **z),
-            value_prio=torch.full((batch, heads, value_samples + 1), float("-inf"), **z),
+            value_weight=torch.zeros(batch, heads, value_samples + 1, **w),
+            value_prio=torch.full((batch, heads, value_samples + 1), float("-inf"), **w),
+            member_values=torch.zeros(batch, heads, capacity, cluster_samples, value_dim, **z) if numerator == "clusters" else None,
             generator=generator,
         )
 
@@ -124,13 +144,16 @@ class ClusterGenSummary:
 
         self.centers, self.counts = pad(self.centers, 0.0), pad(self.counts, 0.0)
         self.sample_keys, self.sample_prio = pad(self.sample_keys, 0.0), pad(self.sample_prio, float("inf"))
+        if self.member_values is not None:
+            self.member_values = pad(self.member_values, 0.0)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add a block of tokens ``[B, H, n, D]`` (one token while decoding, many after prefill)."""
-        keys, values = keys.to(self.centers.dtype), values.to(self.centers.dtype)
+        keys, values = keys.to(self.counts.dtype), values.to(self.counts.dtype)
         cluster = self._assign(keys)
-        self._sample_members(keys, cluster)
-        self._sample_values(keys, values)
+        self._sample_members(keys, values, cluster)
+        if self.member_values is None:
+            self._sample_values(keys, values)
 
     def _assign(self, keys: torch.Tensor) -> torch.Tensor:
         """Cluster index ``[B, H, n]`` of every new key; opens clusters as needed."""
@@ -138,7 +161,7 @@ class ClusterGenSummary:
         cluster = torch.full((batch, heads, n), -1, dtype=torch.long, device=keys.device)
         capacity = self.centers.shape[2]
         if int(self.n_clusters.max()) > 0:
-            dist = torch.cdist(keys, self.centers)  # [B, H, n, M]
+            dist = torch.cdist(keys, self.centers.to(keys.dtype))  # [B, H, n, M]
             active = torch.arange(capacity, device=keys.device) < self.n_clusters[..., None]
             dist = dist.masked_fill(~active[:, :, None, :], float("inf"))
             nearest, index = dist.min(dim=-1)
@@ -160,13 +183,13 @@ class ClusterGenSummary:
         self.counts.scatter_add_(2, cluster, torch.ones_like(cluster, dtype=self.counts.dtype))
         return cluster
 
-    def _sample_members(self, keys: torch.Tensor, cluster: torch.Tensor) -> None:
-        """Keep, per cluster, the members with the ``s`` smallest uniform priorities."""
+    def _sample_members(self, keys: torch.Tensor, values: torch.Tensor, cluster: torch.Tensor) -> None:
+        """Keep, per cluster, the members with the ``s`` smallest uniform priorities (and their
+        values, with ``numerator="clusters"``)."""
         batch, heads, capacity, s = self.sample_prio.shape
         prio = self._rand(cluster.shape, keys)
         cand_cluster = torch.cat([torch.arange(capacity, device=keys.device).repeat_interleave(s).expand(batch, heads, -1), cluster], dim=2)
         cand_prio = torch.cat([self.sample_prio.flatten(2), prio], dim=2)
-        cand_keys = torch.cat([self.sample_keys.flatten(2, 3), keys], dim=2)
         empty = torch.isinf(cand_prio)
         # float64: cluster id + priority/2 must keep every priority's order inside its cluster.
         order_key = torch.where(empty, float(capacity), cand_cluster.double() + cand_prio.double() * 0.5)
@@ -180,10 +203,17 @@ class ClusterGenSummary:
         dest = torch.where(keep, sorted_cluster * s + rank, capacity * s)  # spill slot for the rest
         new_prio = torch.full((batch, heads, capacity * s + 1), float("inf"), dtype=cand_prio.dtype, device=keys.device)
         new_prio.scatter_(2, dest, torch.where(keep, torch.gather(cand_prio, 2, order), float("inf")))
-        new_keys = keys.new_zeros(batch, heads, capacity * s + 1, keys.shape[-1])
-        new_keys.scatter_(2, dest[..., None].expand(-1, -1, -1, keys.shape[-1]), torch.gather(cand_keys, 2, order[..., None].expand(-1, -1, -1, keys.shape[-1])))
+        def keep_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            cand = torch.cat([old.flatten(2, 3), new.to(old.dtype)], dim=2)
+            width = cand.shape[-1]
+            out = cand.new_zeros(batch, heads, capacity * s + 1, width)
+            out.scatter_(2, dest[..., None].expand(-1, -1, -1, width), torch.gather(cand, 2, order[..., None].expand(-1, -1, -1, width)))
+            return out[:, :, :-1].view(batch, heads, capacity, s, width)
+
         self.sample_prio = new_prio[..., :-1].view(batch, heads, capacity, s)
-        self.sample_keys = new_keys[:, :, :-1].view(batch, heads, capacity, s, -1)
+        self.sample_keys = keep_rows(self.sample_keys, keys)
+        if self.member_values is not None:
+            self.member_values = keep_rows(self.member_values, values)
 
     def _sample_values(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Priority sampling by ``||v||^2``: keep the ``t + 1`` largest priorities ``w / u``."""
@@ -194,7 +224,7 @@ class ClusterGenSummary:
         idx = top.indices
 
         def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            both = torch.cat([old, new], dim=2)
+            both = torch.cat([old, new.to(old.dtype)], dim=2)
             index = idx if both.dim() == 3 else idx[..., None].expand(-1, -1, -1, both.shape[-1])
             return torch.gather(both, 2, index)
 
@@ -210,7 +240,11 @@ class ClusterGenSummary:
     def nbytes(self) -> int:
         """Bytes of the summary actually in use (clusters up to the largest count over heads)."""
         used = int(self.n_clusters.max()) if self.n_clusters.numel() else 0
-        per_cluster = (self.centers[0, 0, 0].numel() + self.sample_keys[0, 0, 0].numel() + 2) * self.centers.element_size()
+        vectors = self.centers[0, 0, 0].numel() + self.sample_keys[0, 0, 0].numel()
+        if self.member_values is not None:
+            vectors += self.member_values[0, 0, 0].numel()
+        scalars = 1 + self.sample_prio.shape[-1]  # count, member priorities
+        per_cluster = vectors * self.centers.element_size() + scalars * self.counts.element_size()
         values = sum(t.numel() * t.element_size() for t in (self.value_keys, self.values, self.value_weight, self.value_prio))
         return self.centers.shape[0] * self.centers.shape[1] * used * per_cluster + values
 
@@ -223,12 +257,14 @@ class ClusterGenSummary:
         where each logit already includes its estimator weight; empty slots are ``-inf``.
         """
         batch, heads, capacity, s, _ = self.sample_keys.shape
-        q = query.to(self.centers.dtype)
+        q = query.to(self.counts.dtype)
         filled = torch.isfinite(self.sample_prio)
         per_cluster = filled.sum(-1).clamp_min(1).to(q.dtype)
         weight = (self.counts / per_cluster)[..., None].expand(-1, -1, -1, s)
         log_w = torch.where(filled, weight.log(), float("-inf")).flatten(2)
-        den = scale * q @ self.sample_keys.flatten(2, 3).transpose(-1, -2) + log_w[:, :, None, :]
+        den = scale * q @ self.sample_keys.flatten(2, 3).to(q.dtype).transpose(-1, -2) + log_w[:, :, None, :]
+        if self.member_values is not None:
+            return den, den, self.member_values.flatten(2, 3)
 
         t = self.value_samples
         tau = self.value_prio[..., t].clamp_min(0.0)  # -inf while fewer than t+1 pairs were seen
@@ -236,7 +272,7 @@ class ClusterGenSummary:
         kept = torch.isfinite(self.value_prio[..., :t]) & (w > 0)
         ratio = torch.where(kept, torch.maximum(w, tau[..., None]) / torch.where(kept, w, 1.0), 1.0)
         log_r = torch.where(kept, ratio.log(), float("-inf"))
-        num = scale * q @ self.value_keys[:, :, :t].transpose(-1, -2) + log_r[:, :, None, :]
+        num = scale * q @ self.value_keys[:, :, :t].to(q.dtype).transpose(-1, -2) + log_r[:, :, None, :]
         return den, num, self.values[:, :, :t]
 
 
