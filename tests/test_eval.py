@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 from clitools import chelsea_cli
 
@@ -55,6 +56,22 @@ def test_plan_runs_full_once_and_ratios_for_the_rest():
     settings = {(c.method, c.ratio) for c in cells}
     assert settings == {("full", 0.0), ("chelsea", 0.5), ("chelsea", 0.8), ("clustergen", None)}
     assert len(cells) == (2 + 1) * 4
+
+
+def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
+    from chelsea.config import ClusterGenConfig
+    from chelsea.errors import ChelseaError
+    from chelsea.evaluate import _check_same_settings
+
+    knobs = {"chunk_size": 32, "sink_tokens": 4, "window": 64, "step_fraction": 0.5}
+    runs = [{"knobs": knobs, "clustergen": ClusterGenConfig(delta=0.8).to_dict()}, {"knobs": knobs, "clustergen": None}]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    _check_same_settings(tmp_path, {"knobs": knobs, "clustergen": None})
+    _check_same_settings(tmp_path, {"knobs": knobs, "clustergen": ClusterGenConfig(delta=0.8).to_dict()})
+    with pytest.raises(ChelseaError, match="window"):
+        _check_same_settings(tmp_path, {"knobs": {**knobs, "window": 32}, "clustergen": None})
+    with pytest.raises(ChelseaError, match="clustergen"):  # compared with the last run that had clustergen
+        _check_same_settings(tmp_path, {"knobs": knobs, "clustergen": ClusterGenConfig(delta=1.0).to_dict()})
 
 
 def test_report_tables_per_placement_average_the_tasks():
