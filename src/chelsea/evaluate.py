@@ -91,24 +91,25 @@ def load_rows(out_dir: Path) -> list[dict]:
     return rows
 
 
-def _config(cell: Cell, knobs: dict):
+def _config(cell: Cell, knobs: dict, clustergen: ClusterGenConfig | None):
+    """The cell's compression settings (``None`` for the full cache)."""
     if cell.method == "clustergen":
-        return knobs.get("clustergen") or ClusterGenConfig(sink_tokens=knobs.get("sink_tokens", 4), window=knobs.get("window", 64))
+        return clustergen or ClusterGenConfig(sink_tokens=knobs.get("sink_tokens", 4), window=knobs.get("window", 64))
     if cell.method == "full":
         return None
-    return CompressionConfig(ratio=cell.ratio, **{k: v for k, v in knobs.items() if k != "clustergen"})
+    return CompressionConfig(ratio=cell.ratio, **knobs)
 
 
-def _prepare(model, samples: list[Sample], cell: Cell, knobs: dict):
+def _prepare(model, samples: list[Sample], cell: Cell, config):
     """The batch's token ids and a fresh cache for the cell; the model switched to its attention."""
     ids = torch.tensor([s.input_ids for s in samples], device=model.device)
     use_method(model, cell.method)
-    return ids, make_cache(cell.method, _config(cell, knobs))
+    return ids, make_cache(cell.method, config)
 
 
-def _answer(model, tokenizer, samples: list[Sample], cell: Cell, knobs: dict) -> list[dict]:
+def _answer(model, tokenizer, samples: list[Sample], cell: Cell, config) -> list[dict]:
     """Greedy replies of one batch of equal-length prompts with the cell's cache."""
-    ids, cache = _prepare(model, samples, cell, knobs)
+    ids, cache = _prepare(model, samples, cell, config)
     new_tokens = max(s.max_new_tokens for s in samples)
     with torch.inference_mode():
         out = model.generate(
@@ -123,9 +124,9 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, knobs: dict) ->
     return rows
 
 
-def _perplexity(model, samples: list[Sample], cell: Cell, knobs: dict, block: int) -> list[dict]:
+def _perplexity(model, samples: list[Sample], cell: Cell, config, block: int) -> list[dict]:
     """Negative log-likelihood of each sample read ``block`` tokens at a time through the cell's cache."""
-    ids, cache = _prepare(model, samples, cell, knobs)
+    ids, cache = _prepare(model, samples, cell, config)
     nll = torch.zeros(len(samples), dtype=torch.float64, device=model.device)
     with torch.inference_mode():
         for start in range(0, ids.shape[1] - 1, block):
@@ -199,6 +200,7 @@ def run_eval(
     with open(out_dir / RESULTS, "a", encoding="utf-8") as sink:
         for cell, indices in pending.items():
             bar.set_postfix_str(f"{cell.task}/{cell.placement} {cell.length} {cell.method} {cell.ratio}")
+            config = _config(cell, knobs, clustergen)
             for first in range(0, len(indices), batch_size):
                 batch = indices[first : first + batch_size]
                 items = []
@@ -211,9 +213,9 @@ def run_eval(
                 _sync(model.device)
                 start = time.perf_counter()
                 if cell.task == "ppl":
-                    results = _perplexity(model, items, cell, {**knobs, "clustergen": clustergen}, ppl_block)
+                    results = _perplexity(model, items, cell, config, ppl_block)
                 else:
-                    results = _answer(model, tokenizer, items, cell, {**knobs, "clustergen": clustergen})
+                    results = _answer(model, tokenizer, items, cell, config)
                 _sync(model.device)
                 seconds = (time.perf_counter() - start) / len(items)
                 for i, result in zip(batch, results):

@@ -69,10 +69,6 @@ class ClusterGenSummary:
     member_values: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
-    @property
-    def numerator(self) -> str:
-        return "values" if self.member_values is None else "clusters"
-
     @classmethod
     def empty(
         cls,
