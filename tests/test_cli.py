@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from clitools import chelsea_cli
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -93,6 +94,7 @@ def test_bench_writes_records(tiny_model_dir, tmp_path):
         for key in ("device", "model", "method", "ratio", "context", "batch", "prefill_s", "decode_ms_per_token",
                     "peak_mem_bytes", "kv_bytes", "speedup_vs_full", "bandwidth_limit_speedup"):
             assert key in r
+        assert r["cuda_graph"] is False  # CPU: eager steps
         if r["method"] in ("chelsea", "knorm"):
             assert r["kv_bytes"] < 0.6 * r["kv_bytes_full"] and r["bandwidth_limit_speedup"] > 1.0
     assert "speed-up" in out.stdout
@@ -103,6 +105,12 @@ def test_bench_rejects_bad_lists():
     assert out.returncode == 2 and "--contexts" in out.stderr
     out = chelsea_cli("bench", "--methods", "magic")
     assert out.returncode == 2 and "--methods" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_refuses_cuda_graphs_without_cuda(tiny_model_dir):
+    out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--contexts", "64", "--cuda-graphs")
+    assert out.returncode == 2 and "--no-cuda-graphs" in out.stderr
 
 
 @pytest.mark.parametrize("fits_up_to,limit", [(37, 1024), (1, 64), (0, 64), (64, 64), (100, 48), (5, 6)])

@@ -14,6 +14,8 @@ from chelsea import ChelseaError, CompressionConfig
         ({"window": -3}, "window"),
         ({"step_fraction": 0.0}, "step_fraction"),
         ({"compress_every": 0}, "compress_every"),
+        ({"decode_span": 1}, "decode_span"),
+        ({"decode_span": 2.5}, "decode_span"),
     ],
 )
 def test_bad_values_name_the_argument(kwargs, name):

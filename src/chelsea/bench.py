@@ -9,12 +9,20 @@ for accuracy. Prompts are random token ids. For each configuration:
   divided by their number, after 5 untimed steps; periodic re-clustering is included. Before the
   first configuration, every method runs once untimed on a short prompt (compilation, allocator);
 - ``peak_mem_bytes``: CUDA peak allocated memory over prefill and decoding (0 on the CPU);
-- ``kv_bytes``: what the cache holds at the end; ``kv_bytes_full`` what a full cache holds; the
-  full cache is transformers' ``StaticCache`` (preallocated for the prompt and the decoded tokens,
-  written in place) with PyTorch SDPA, the fastest full cache transformers offers without compiling;
+- ``kv_bytes``: what the cache holds at the end; ``kv_bytes_full`` what a full cache holds;
 - ``speedup_vs_full``: full cache's decode time over this one's, same model, context and batch;
 - ``bandwidth_limit_speedup``: (weights + full KV bytes) / (weights + stored KV bytes), the
   speed-up if decoding were bound by reading weights and cache once per step.
+
+Two ways of decoding (``cuda_graph`` in each record):
+
+- ``cuda_graph: true`` (the default on one CUDA device): every decoding step is replayed from a
+  CUDA graph (:class:`chelsea.decoding.GraphDecoder`), so host work does not hide the memory
+  traffic. ``full`` is then the uncompressed cache in the same preallocated buffers, read by the
+  same Triton kernel, so the speed-up measures what storing fewer entries buys.
+- ``cuda_graph: false``: ordinary eager steps through transformers. ``full`` is transformers'
+  ``StaticCache`` (preallocated, written in place) with PyTorch SDPA, the fastest full cache
+  transformers offers without compiling; ClusterGen always decodes this way.
 
 With ``max_batch`` the batch sizes are not given but searched: for each context, method and ratio
 the largest batch that runs without running out of GPU memory (doubling, then bisection), with
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gc
 import os
 import platform
 import time
@@ -81,17 +90,29 @@ def load_bench_model(name: str, device: str = "auto", dtype: str = "auto", devic
     return load_model(str(folder), device=device, dtype=dtype, device_map=device_map)[0]
 
 
-def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0) -> dict:
+WARMUP_STEPS = 5
+
+
+def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0,
+            cuda_graph: bool = False) -> dict:
     """Prefill ``batch`` random prompts of ``context`` tokens, then decode; returns one record."""
     from .attention import ATTN_IMPLEMENTATION, register
+    from .decoding import GraphDecoder
 
     device = model.device
-    config = CompressionConfig(ratio=ratio) if method not in ("full", "clustergen") else None
+    gc.collect()  # the previous configuration's cache and graph, before measuring this one's memory
+    cuda_graph = cuda_graph and method != "clustergen"
+    if method == "full" and cuda_graph:
+        config = CompressionConfig(ratio=0.0)
+    else:
+        config = CompressionConfig(ratio=ratio) if method not in ("full", "clustergen") else None
     register()
-    model.set_attn_implementation("sdpa" if method == "full" else ATTN_IMPLEMENTATION)
+    model.set_attn_implementation("sdpa" if method == "full" and not cuda_graph else ATTN_IMPLEMENTATION)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
-    if method == "full":
+    if method == "full" and cuda_graph:
+        cache = make_cache("chelsea", config)
+    elif method == "full":
         # The fair full cache for speed: preallocated, written in place (transformers' StaticCache).
         from transformers import StaticCache
 
@@ -109,14 +130,24 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         del out
-        for _ in range(5):  # warm-up steps, not timed
-            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        if cuda_graph:
+            # Room for every step, so no re-pin happens while timing.
+            decoder = GraphDecoder(model, cache, token, cuda_graph=True, headroom=WARMUP_STEPS + decode_tokens + 1)
+            step = decoder.step
+        else:
+            def step():
+                nonlocal token
+                token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        for _ in range(WARMUP_STEPS):  # not timed; the CUDA graph is recorded here
+            step()
         _sync(device)
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            step()
         _sync(device)
         decode = (time.perf_counter() - start) / decode_tokens
+        if cuda_graph:
+            decoder.close()
     stats = cache_stats(cache)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
@@ -124,6 +155,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         "ratio": 0.0 if method == "full" else None if method == "clustergen" else ratio,
         "context": context,
         "batch": batch,
+        "cuda_graph": cuda_graph,
         "prefill_s": round(prefill, 4),
         "decode_ms_per_token": round(decode * 1e3, 3),
         "tokens_per_s": round(batch / decode, 1),
@@ -162,21 +194,28 @@ def largest_batch(try_batch: Callable[[int], dict | None], limit: int = 1024) ->
 
 def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
         decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
-        device_map: str | None = None, max_batch: int | None = None) -> list[dict]:
+        device_map: str | None = None, max_batch: int | None = None, cuda_graph: bool | None = None) -> list[dict]:
     """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such.
 
     With ``max_batch`` (the search's upper limit) ``batches`` is ignored and the largest batch that
-    fits is searched for each (context, method, ratio) instead.
+    fits is searched for each (context, method, ratio) instead. ``cuda_graph`` (default: on a
+    single CUDA device) replays decoding steps from CUDA graphs.
     """
     if "full" not in methods:
         methods = ["full", *methods]
     model = load_bench_model(model_name, device, dtype, device_map)
+    from .models import world_size
+
+    single = model.device.type == "cuda" and world_size() == 1 and device_map is None
+    if cuda_graph is None:
+        cuda_graph = single
+    elif cuda_graph and not single:
+        raise ChelseaError("--cuda-graphs needs the model on one CUDA device (no tensor parallelism or --device-map); use --no-cuda-graphs")
     limit = getattr(model.config, "max_position_embeddings", None)
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
-        run_one(model, method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4)
-    from .models import world_size
+        run_one(model, method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4, cuda_graph=cuda_graph)
 
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
@@ -189,14 +228,14 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         if limit is not None and context + decode_tokens + 2 > limit:
             raise ChelseaError(f"--contexts {context} exceeds {model_name}'s context of {limit} tokens")
         if max_batch is not None:
-            records += _search(model, methods, ratios, context, decode_tokens, max_batch, base(), progress)
+            records += _search(model, methods, ratios, context, decode_tokens, max_batch, base(), progress, cuda_graph)
             continue
         for batch in batches:
             full_ms = None
             for method in methods:
                 for ratio in _settings(method, ratios):
                     try:
-                        record = {**base(), **run_one(model, method, ratio, context, batch, decode_tokens)}
+                        record = {**base(), **run_one(model, method, ratio, context, batch, decode_tokens, cuda_graph=cuda_graph)}
                     except torch.OutOfMemoryError:
                         record = {**base(), "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
                         torch.cuda.empty_cache()
@@ -214,13 +253,13 @@ def _settings(method: str, ratios: list[float]) -> list[float | None]:
     return [0.0] if method == "full" else [None] if method == "clustergen" else ratios
 
 
-def _search(model, methods, ratios, context, decode_tokens, limit, base, progress) -> list[dict]:
+def _search(model, methods, ratios, context, decode_tokens, limit, base, progress, cuda_graph) -> list[dict]:
     """Largest fitting batch and its record for every method and ratio at one context."""
 
     def attempt(method, ratio):
         def try_batch(batch):
             try:
-                return run_one(model, method, ratio, context, batch, decode_tokens)
+                return run_one(model, method, ratio, context, batch, decode_tokens, cuda_graph=cuda_graph)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 return None

@@ -13,6 +13,11 @@ Life of one layer during ``model.generate``:
 
 ``get_seq_length`` keeps returning the number of tokens seen (padding included, like
 ``DynamicCache``), not the number stored, so positions and RoPE stay right.
+
+For CUDA graphs (:mod:`chelsea.decoding`) a :class:`ClusteredLayer` can be *pinned*: its buffers
+stop moving, a decoding step writes its token at a slot index held on the device and attends over
+the whole buffer (entries past the filled part carry log-count ``-inf``), and the Python-side
+bookkeeping (``advance``) runs outside the captured step.
 """
 
 from __future__ import annotations
@@ -59,6 +64,11 @@ class _CompressedLayer(CacheLayerMixin):
         self.has_merged = False
         self.awaiting_attention = False
         self.compressions = 0
+        self.slot: torch.Tensor | None = None  # device index of the next write, while pinned
+
+    @property
+    def pinned(self) -> bool:
+        return self.slot is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -107,7 +117,9 @@ class _CompressedLayer(CacheLayerMixin):
         then the buffers are reallocated with a quarter of room to grow, so the memory is returned.
         """
         length = tensors[0].shape[2]
-        if self._key_buf.shape[2] > 2 * length + 64:
+        if self.pinned and length > self._key_buf.shape[2]:
+            raise ChelseaError(f"a pinned cache layer holds {self._key_buf.shape[2]} entries; {length} do not fit")
+        if not self.pinned and self._key_buf.shape[2] > 2 * length + 64:
             self._reallocate(length + max(64, length // 4), tensors)
         else:
             self._reserve(length)
@@ -121,6 +133,8 @@ class _CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_attention:
             raise ChelseaError(NOT_CLUSTERED_ATTENTION)
+        if self.pinned:
+            return self._write_at_slot(key_states, value_states)
         self._append(key_states, value_states)
         self.new_tokens = key_states.shape[2]
         self.seen += self.new_tokens
@@ -128,6 +142,25 @@ class _CompressedLayer(CacheLayerMixin):
         keys = self.keys
         keys._chelsea_layer = self
         return keys, self.values
+
+    def _write_at_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Pinned: write the new tokens at the device-side slot, return the whole buffers.
+
+        Nothing here reads a Python-side length, so a CUDA graph can replay it; ``advance`` does
+        the bookkeeping afterwards.
+        """
+        new = key_states.shape[2]
+        if new != 1:
+            raise ChelseaError(f"a pinned cache layer takes one new token per step, not {new}")
+        self._key_buf.index_copy_(2, self.slot, key_states)
+        self._value_buf.index_copy_(2, self.slot, value_states)
+        for name in self._buffers[2:]:
+            getattr(self, name).index_fill_(2, self.slot, 0.0)
+        self.new_tokens = new
+        self.awaiting_attention = True
+        keys = self._key_buf[:, :]  # a view: the buffer itself must not point back at the layer (a cycle)
+        keys._chelsea_layer = self
+        return keys, self._value_buf
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor, *extra: torch.Tensor) -> None:
         new = key_states.shape[2]
@@ -216,6 +249,8 @@ class ClusteredLayer(_CompressedLayer):
 
     def attend(self, query, key, value, new_valid, scale):
         """Attention of the new tokens over the stored entries, then clustering if it is due."""
+        if self.pinned:
+            return self._attend_pinned(query, key, value, new_valid, scale)
         if new_valid is not None:
             self.mark_padding(new_valid)
         out = weighted_attention(query, key, value, self.attention_log_counts(), scale=scale)
@@ -224,6 +259,67 @@ class ClusteredLayer(_CompressedLayer):
             self.scores.add_(attention_mass(query, key, self.attention_log_counts(), scale=scale, last=last))
         self.after_attention()
         return out
+
+    def _attend_pinned(self, query, key, value, new_valid, scale):
+        if new_valid is not None:
+            raise ChelseaError("a pinned cache layer decodes without an attention mask; padding is kept from the prefill")
+        counts = self._count_buf
+        out = weighted_attention(query, key, value, counts, scale=scale)
+        if self.scored:
+            self._score_buf.add_(attention_mass(query, key, counts, scale=scale))
+        self.awaiting_attention = False
+        return out
+
+    # Pinned buffers, for CUDA graphs ---------------------------------------------------------
+
+    def pin(self, capacity: int, slot: torch.Tensor) -> None:
+        """Fix the buffers at ``capacity`` entries and write new tokens at ``slot`` (a one-element
+        device tensor the caller keeps equal to ``length``). Entries past ``length`` get
+        log-count ``-inf``, so attending over the whole buffer equals attending over the filled part."""
+        if not self.is_initialized:
+            raise ChelseaError("pin a cache layer after the prefill, not before")
+        if capacity <= self.length:
+            raise ChelseaError(f"a pinned layer needs room for new tokens: capacity {capacity} <= {self.length} entries")
+        if capacity != self._key_buf.shape[2]:
+            self._reallocate(capacity, self._entries())
+        # Free entries are read too (with weight 0): they must hold finite numbers, not old memory.
+        for name in self._buffers:
+            getattr(self, name)[:, :, self.length :] = float("-inf") if name == "_count_buf" else 0.0
+        self.slot = slot
+        self.slot.fill_(self.length)
+
+    def unpin(self) -> None:
+        self.slot = None
+
+    @property
+    def capacity(self) -> int:
+        return self._key_buf.shape[2]
+
+    def advance(self, new: int = 1, *, cluster: bool = True) -> None:
+        """Pinned: account for the ``new`` tokens a step wrote, and cluster if it is due (unless
+        ``cluster`` is false: the caller then clusters due layers together, :func:`compress_together`).
+
+        The step itself advanced ``slot``; after a clustering :meth:`repin` resets it.
+        """
+        self.length += new
+        self.seen += new
+        self.since_compression += new
+        self.new_tokens = new
+        if cluster:
+            before = self.length
+            self.after_attention()
+            self.repin(before)
+
+    @property
+    def compression_due(self) -> bool:
+        return self.new_tokens > 1 or self.since_compression >= self.config.compress_every
+
+    def repin(self, before: int) -> None:
+        """Pinned, after a clustering shrank the layer from ``before`` entries: hide the freed
+        entries and move the write slot back."""
+        if self.length != before:
+            self._count_buf[:, :, self.length : before] = float("-inf")
+            self.slot.fill_(self.length)
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Give padding among the newest tokens log-count ``-inf``: never attended, never merged."""
@@ -245,7 +341,7 @@ class ClusteredLayer(_CompressedLayer):
 
     def after_attention(self) -> None:
         self.awaiting_attention = False
-        if self.new_tokens > 1 or self.since_compression >= self.config.compress_every:
+        if self.compression_due:
             self.compress()
 
     # Clustering ------------------------------------------------------------------------------
@@ -271,12 +367,31 @@ class ClusteredLayer(_CompressedLayer):
                 self.skipped_compressions += 1
                 return
             before = self.length
-            self._store(*self._run(self._entries(), n_remove))
+            start = self._local_start()
+            if start > 0:  # the part from start on is returned with the same length
+                self._store_from(start, self._run(tuple(t[:, :, start:] for t in self._entries()), n_remove, sinks=0))
+            else:
+                self._store(*self._run(self._entries(), n_remove))
             self._record(before - self.length)
             return
         self._compress_padded()
 
-    def _run(self, entries: tuple[torch.Tensor, ...], n_remove: int) -> tuple[torch.Tensor, ...]:
+    def _local_start(self) -> int:
+        """Where a decoding-time clustering starts (``config.decode_span``; 0: the whole cache)."""
+        span = self.config.decode_span
+        if span is None or self.new_tokens > 1 or self.compressor is not chunked_soft_matching:
+            return 0
+        start = self.length - self.config.window - span
+        return start if start > self.config.sink_tokens else 0
+
+    def _store_from(self, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Replace the stored entries from ``start`` on, in place."""
+        length = start + tensors[0].shape[2]
+        for name, t in zip(self._buffers, tensors):
+            getattr(self, name)[:, :, start:length] = t
+        self.length = length
+
+    def _run(self, entries: tuple[torch.Tensor, ...], n_remove: int, sinks: int | None = None) -> tuple[torch.Tensor, ...]:
         """Apply the compressor to ``entries`` (one tensor per buffer); returns as many tensors."""
         cfg = self.config
         keys, values, log_counts, *scores = entries
@@ -287,7 +402,7 @@ class ClusteredLayer(_CompressedLayer):
             log_counts,
             n_remove,
             chunk_size=cfg.chunk_size,
-            sink_tokens=cfg.sink_tokens,
+            sink_tokens=cfg.sink_tokens if sinks is None else sinks,
             window=cfg.window,
             step_fraction=cfg.step_fraction,
             **extra,
@@ -360,6 +475,35 @@ class ClusteredLayer(_CompressedLayer):
         if not self.is_initialized:
             return 0
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._buffers)
+
+
+def compress_together(layers: list[ClusteredLayer]) -> None:
+    """Cluster layers that are due at the same step; those whose decoding-time clustering has the
+    same shape (same entries, span and entries to remove: layers of one model usually do) run as
+    one batch through Chelsea's compressor, which launches one set of kernels instead of one per
+    layer. Results equal :meth:`ClusteredLayer.compress` on each layer."""
+    groups: dict[tuple, list[ClusteredLayer]] = {}
+    for layer in layers:
+        start = layer._local_start() if layer.is_initialized and not layer.has_padding else 0
+        if start == 0:
+            layer.compress()
+            continue
+        n_remove = layer.length - layer.config.budget(layer.seen)
+        key = (start, n_remove, layer.length, tuple(layer.keys.shape), layer.config, layer._buffers)
+        groups.setdefault(key, []).append(layer)
+    for (start, n_remove, *_), group in groups.items():
+        if n_remove <= 0 or len(group) == 1:
+            for layer in group:
+                layer.compress()
+            continue
+        parts = [torch.cat([getattr(layer, name)[:, :, start : layer.length] for layer in group]) for name in group[0]._buffers]
+        out = group[0]._run(tuple(parts), n_remove, sinks=0)
+        rows = group[0].keys.shape[0]
+        for i, layer in enumerate(group):
+            layer.since_compression = 0
+            before = layer.length
+            layer._store_from(start, tuple(t[i * rows : (i + 1) * rows] for t in out))
+            layer._record(before - layer.length)
 
 
 class ClusterGenLayer(_CompressedLayer):

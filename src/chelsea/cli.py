@@ -38,6 +38,10 @@ DeltaOpt = Annotated[float, typer.Option(help="clustergen: cluster radius relati
 ClusterSamplesOpt = Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")]
 ValueSamplesOpt = Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm (--numerator values).")]
 NumeratorOpt = Annotated[str, typer.Option(help="clustergen: numerator from the cluster members ('clusters') or the paper's value sample ('values').")]
+SpanOpt = Annotated[
+    int,
+    typer.Option("--decode-span", help="chelsea: while decoding, re-cluster only the last N entries before the window (0: the whole cache)."),
+]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
@@ -85,6 +89,7 @@ def generate(
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
     compress_every: EveryOpt = None,
+    decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -104,7 +109,7 @@ def generate(
     if method == "clustergen":
         config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32, numerator)
     else:
-        config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every)
+        config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -314,6 +319,14 @@ def bench(
         typer.Option("--max-batch", help="Instead of --batches: search the largest batch that fits (up to this many) for each method, and its throughput."),
     ] = None,
     decode_tokens: Annotated[int, typer.Option(help="Timed decoding steps per configuration.")] = 32,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Replay decoding steps from CUDA graphs; 'full' is then the uncompressed cache in the same buffers and kernel. "
+            "Off: eager transformers steps, 'full' is StaticCache + SDPA. Default: on for one CUDA device.",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -343,7 +356,7 @@ def bench(
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
                         decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
-                        device_map=device_map, max_batch=max_batch)
+                        device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
                ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),

@@ -28,6 +28,11 @@ class CompressionConfig:
         compress_every: during decoding, cluster again once this many new tokens have arrived
             since the last clustering. Between clusterings the cache holds at most this many
             entries above budget. The default equals ``chunk_size``.
+        decode_span: Chelsea only. During decoding, re-cluster only the last ``decode_span``
+            entries before the window, where the new tokens are, instead of the whole cache; the
+            work per clustering then no longer grows with the context. ``None`` re-clusters the
+            whole cache every time, like after a prefill. Eviction methods always rank the
+            whole cache.
     """
 
     ratio: float = 0.5
@@ -36,6 +41,7 @@ class CompressionConfig:
     window: int = 64
     step_fraction: float = 0.5
     compress_every: int | None = None
+    decode_span: int | None = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -54,6 +60,8 @@ class CompressionConfig:
             object.__setattr__(self, "compress_every", self.chunk_size)
         elif not isinstance(self.compress_every, int) or self.compress_every < 1:
             raise ChelseaError(f"compress_every must be an integer >= 1; got {self.compress_every!r}")
+        if self.decode_span is not None and (not isinstance(self.decode_span, int) or self.decode_span < 2):
+            raise ChelseaError(f"decode_span must be an integer >= 2 (entries) or None (the whole cache); got {self.decode_span!r}")
 
     def budget(self, tokens: int) -> int:
         """Entries to keep for a sequence of ``tokens`` tokens."""

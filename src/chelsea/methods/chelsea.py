@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,6 +47,17 @@ def max_removable(region_len: int, chunk_size: int) -> int:
     """Entries one merge step can remove from a region of ``region_len``: the size of set A."""
     full, rest = divmod(region_len, chunk_size)
     return full * (chunk_size // 2) + rest // 2
+
+
+def _best_edges(unit: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For unit keys ``[batch, heads, n, d]`` with ``n`` a multiple of ``chunk_size``: every A entry's
+    best similarity to a B entry of its chunk and that B entry's position, ``[batch, heads, n // 2]``."""
+    batch, heads, n, _ = unit.shape
+    chunks = unit.unflatten(2, (n // chunk_size, chunk_size))
+    sim = chunks[..., 1::2, :] @ chunks[..., 0::2, :].transpose(-1, -2)  # [batch, heads, chunks, |A|, |B|]
+    best_sim, best_b = sim.max(dim=-1)
+    start = torch.arange(0, n, chunk_size, device=unit.device)[:, None]
+    return best_sim.flatten(2), (start + 2 * best_b).flatten(2)
 
 
 def soft_matching_step(
@@ -61,6 +71,9 @@ def soft_matching_step(
 
     ``n_remove`` must be at most :func:`max_removable` of the region length. Returns the region
     with ``seq - n_remove`` entries, in the original order.
+
+    The work is one float32 pass over the keys for the similarities, small tensors for the
+    ``n_remove`` merges, and one gather of the kept entries; no sort and no host sync.
     """
     batch, heads, length, _ = keys.shape
     if n_remove <= 0:
@@ -69,56 +82,66 @@ def soft_matching_step(
         raise ValueError(f"one step cannot remove {n_remove} of {length} entries with chunks of {chunk_size}")
     work = _compute_dtype(keys.dtype)
     device = keys.device
-    n_chunks = math.ceil(length / chunk_size)
-    padded = n_chunks * chunk_size
 
-    unit = F.normalize(keys.to(work), dim=-1)
-    unit = F.pad(unit, (0, 0, 0, padded - length)).view(batch, heads, n_chunks, chunk_size, -1)
-    a_unit, b_unit = unit[..., 1::2, :], unit[..., 0::2, :]
-    sim = a_unit @ b_unit.transpose(-1, -2)  # [batch, heads, chunks, |A|, |B|]
+    unit = keys.to(work, copy=True)
+    unit /= torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(1e-12)
+    body = length // chunk_size * chunk_size
+    if body:
+        sims, b_pos = _best_edges(unit[:, :, :body], chunk_size)
+    else:
+        sims, b_pos = unit.new_empty(batch, heads, 0), torch.zeros(1, 1, 0, dtype=torch.long, device=device)
+    a_pos = (torch.arange(0, body, chunk_size, device=device)[:, None] + torch.arange(1, chunk_size, 2, device=device)).flatten()
+    if body < length:  # the trailing partial chunk: its own A/B split, padding never matched
+        tail = unit[:, :, body:]
+        real = torch.arange(length - body, device=device)
+        sim = tail[..., 1::2, :] @ tail[..., 0::2, :].transpose(-1, -2)  # [batch, heads, |A|, |B|]
+        tail_sim, tail_b = sim.max(dim=-1)
+        sims = torch.cat([sims, tail_sim], dim=-1)
+        b_pos = torch.cat([b_pos.expand(batch, heads, -1), body + 2 * tail_b], dim=-1)
+        a_pos = torch.cat([a_pos, body + real[1::2]])
+    del unit
 
-    offsets = torch.arange(chunk_size, device=device)
-    chunk_start = torch.arange(n_chunks, device=device)[:, None] * chunk_size
-    position = chunk_start + offsets  # [chunks, chunk]
-    real = position < length
-    b_real, a_real = real[:, 0::2], real[:, 1::2]
-    sim = sim.masked_fill(~b_real[:, None, :], float("-inf"))
-    best_sim, best_b = sim.max(dim=-1)  # [batch, heads, chunks, |A|]
-    best_sim = best_sim.masked_fill(~a_real, float("-inf"))
+    chosen = sims.topk(n_remove, dim=-1).indices  # [batch, heads, r]
+    src = a_pos[chosen]  # A entries that disappear
+    dst = torch.gather(b_pos.expand(batch, heads, -1), -1, chosen)  # the B entries they join
 
-    a_pos = position[:, 1::2].expand(batch, heads, -1, -1)
-    b_pos = torch.gather(position[:, 0::2].expand(batch, heads, -1, -1), -1, best_b)
-    chosen = best_sim.flatten(2).topk(n_remove, dim=-1).indices
-    src = torch.gather(a_pos.flatten(2), -1, chosen)  # A entries that disappear
-    dst = torch.gather(b_pos.flatten(2), -1, chosen)  # the B entries they join
+    # Group the chosen edges by their B entry (one centroid per B): number the B entries that
+    # receive edges in sequence order. A cumulative sum over the region, no sort, no host sync.
+    is_dst = torch.zeros(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, dst, True)
+    group = (is_dst.long().cumsum(-1) - 1).gather(-1, dst)
 
     weight = log_counts.to(work).exp()
-    total = weight.scatter_add(-1, dst, torch.gather(weight, -1, src))
+    w_src, w_dst = weight.gather(-1, src), weight.gather(-1, dst)
+    total = torch.zeros_like(w_src).scatter_add_(-1, group, w_src)
+    total = total.gather(-1, group) + w_dst  # per edge: its centroid's count
 
-    def merge(x: torch.Tensor) -> torch.Tensor:
-        weighted = x.to(work) * weight[..., None]
-        idx = src[..., None].expand(-1, -1, -1, x.shape[-1])
-        weighted = weighted.scatter_add(-2, dst[..., None].expand_as(idx), torch.gather(weighted, -2, idx))
-        return weighted / total[..., None]
+    def centroids(x: torch.Tensor) -> torch.Tensor:
+        """The merged rows, one per chosen edge (edges into one B entry get the same row)."""
+        gather = lambda pos: x.gather(2, pos[..., None].expand(-1, -1, -1, x.shape[-1])).to(work)  # noqa: E731
+        idx = group[..., None].expand(-1, -1, -1, x.shape[-1])
+        acc = torch.zeros(*group.shape, x.shape[-1], dtype=work, device=device)
+        acc.scatter_add_(2, idx, gather(src) * w_src[..., None])
+        return (acc.gather(2, idx) + gather(dst) * w_dst[..., None]) / total[..., None]
 
-    merged_keys, merged_values = merge(keys), merge(values)
-    is_dst = torch.zeros_like(weight, dtype=torch.bool).scatter_(-1, dst, True)
-    # Entries that are not centroids stay bit-identical.
-    merged_keys = torch.where(is_dst[..., None], merged_keys.to(keys.dtype), keys)
-    merged_values = torch.where(is_dst[..., None], merged_values.to(values.dtype), values)
-    merged_log = torch.where(is_dst, total.log().to(log_counts.dtype), log_counts)
+    new_keys, new_values = centroids(keys), centroids(values)
 
-    # Compact without a host sync: kept entries go to their rank, removed ones to a spill slot.
-    keep = torch.ones_like(is_dst).scatter_(-1, src, False)
-    slot = torch.where(keep, keep.long().cumsum(-1) - 1, length - n_remove)
+    # Kept entries in order (each to its rank among the kept; removed ones to a spill slot);
+    # the centroids then overwrite their B entries' new places.
+    keep = torch.ones(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, src, False)
+    rank = keep.long().cumsum(-1) - 1
     out_len = length - n_remove
+    kept = torch.empty(batch, heads, out_len + 1, dtype=torch.long, device=device)
+    kept.scatter_(-1, torch.where(keep, rank, out_len), torch.arange(length, device=device).expand(batch, heads, -1))
+    kept = kept[..., :out_len]
+    new_place = rank.gather(-1, dst)
 
-    def compact(x: torch.Tensor) -> torch.Tensor:
-        shape = (*x.shape[:2], out_len + 1, *x.shape[3:])
-        index = slot if x.dim() == 3 else slot[..., None].expand_as(x)
-        return x.new_zeros(shape).scatter_(2, index, x)[:, :, :out_len]
+    def compact(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return x.gather(-1, kept).scatter_(-1, new_place, rows.to(x.dtype))
+        out = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
+        return out.scatter_(2, new_place[..., None].expand(-1, -1, -1, x.shape[-1]), rows.to(x.dtype))
 
-    return compact(merged_keys), compact(merged_values), compact(merged_log)
+    return compact(keys, new_keys), compact(values, new_values), compact(log_counts, total.log())
 
 
 def chunked_soft_matching(

@@ -1,0 +1,169 @@
+"""Pinned decoding (the step a CUDA graph replays) against ordinary decoding through the cache."""
+
+import pytest
+import torch
+from test_cache_models import tiny
+
+import chelsea
+from chelsea import ChelseaError, ClusteredCache
+from chelsea.config import ClusterGenConfig
+from chelsea.decoding import GraphDecoder
+from chelsea.methods import COMPRESSORS
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _caches(method: str, ratio: float):
+    knobs = dict(ratio=ratio, chunk_size=8, window=8, sink_tokens=2, compress_every=8)
+    if method == "chelsea":
+        return ClusteredCache(**knobs), ClusteredCache(**knobs)
+    return (ClusteredCache(compressor=COMPRESSORS[method], **knobs) for _ in range(2))
+
+
+def _decode_both(model, cache, ref_cache, ids, mask, steps, **decoder_args):
+    """Prefill both caches alike; decode ``steps`` tokens ordinarily and with the GraphDecoder."""
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        model(ids, attention_mask=mask, past_key_values=ref_cache)
+        token, want_tokens, want_logits = first, [], []
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(token, attention_mask=mask, past_key_values=ref_cache).logits
+            token = logits[:, -1:].argmax(-1)
+            want_tokens.append(token)
+            want_logits.append(logits)
+        got_tokens, got_logits = [], []
+        with GraphDecoder(model, cache, first, **decoder_args) as decoder:
+            for _ in range(steps):
+                got_tokens.append(decoder.step().clone())
+                got_logits.append(decoder.logits.clone())
+    return torch.cat(got_tokens, 1), torch.cat(want_tokens, 1), torch.cat(got_logits, 1), torch.cat(want_logits, 1), decoder
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method,ratio", [("chelsea", 0.5), ("chelsea", 0.0), ("h2o", 0.6), ("streaming", 0.7)])
+def test_pinned_decoding_equals_ordinary_decoding(device, method, ratio):
+    """Same tokens and logits as decoding through the unpinned cache, across clusterings and re-pins
+    (headroom 5: the buffers fill and are re-pinned several times in 40 steps)."""
+    model = chelsea.prepare_model(tiny("llama")).to(device)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (2, 50), device=device)
+    mask = torch.ones_like(ids)
+    cache, ref_cache = _caches(method, ratio)
+    got, want, got_logits, want_logits, decoder = _decode_both(model, cache, ref_cache, ids, mask, 40, headroom=5)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert cache.stats()["tokens_seen"] == 90
+    assert cache.stats()["kv_bytes"] == ref_cache.stats()["kv_bytes"]
+    if device == "cuda":
+        assert decoder.recordings >= 2  # the first recording and at least one after a re-pin
+
+
+def test_pinned_decoding_keeps_prefill_padding():
+    """A left-padded prefill: the pinned steps (no mask) match ordinary steps given the extended mask,
+    and every row's counts still add up to its real tokens."""
+    model = chelsea.prepare_model(tiny("llama"))
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 48))
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    cache, ref_cache = _caches("chelsea", 0.5)
+    got, want, got_logits, want_logits, _ = _decode_both(model, cache, ref_cache, ids, mask, 30)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for layer in cache.layers:
+        counts = layer.log_counts.exp().sum(-1)  # [batch, kv_heads]
+        torch.testing.assert_close(counts, torch.tensor([[78.0], [61.0]]).expand_as(counts))
+
+
+def test_pinned_layer_hides_the_free_entries():
+    """While pinned, everything past the filled part has log-count -inf; unpinned, the cache is ordinary again."""
+    model = chelsea.prepare_model(tiny("llama"))
+    cache = ClusteredCache(ratio=0.5, chunk_size=8, window=8, compress_every=4)
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        first = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        decoder = GraphDecoder(model, cache, first, headroom=16)
+        for _ in range(6):
+            decoder.step()
+            for layer in cache.layers:
+                assert layer.capacity == layer._key_buf.shape[2] > layer.length
+                assert torch.isneginf(layer._count_buf[:, :, layer.length :]).all()
+                assert not torch.isneginf(layer.log_counts).any()
+                assert int(decoder.state[1 + layer_index(cache, layer)]) == layer.length
+        decoder.close()
+        model(first, past_key_values=cache)  # ordinary decoding works again
+    assert cache.stats()["tokens_seen"] == 47
+
+
+def layer_index(cache, layer):
+    return next(i for i, other in enumerate(cache.layers) if other is layer)
+
+
+def test_graph_decoder_refuses_what_it_cannot_pin():
+    model = chelsea.prepare_model(tiny("llama"))
+    token = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ChelseaError, match="prefill"):
+        GraphDecoder(model, ClusteredCache(ratio=0.5), token)
+    cache = ClusteredCache(ClusterGenConfig())
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 20)), past_key_values=cache)
+    with pytest.raises(ChelseaError, match="clustergen"):
+        GraphDecoder(model, cache, token)
+    if not torch.cuda.is_available():
+        with torch.no_grad():
+            c = ClusteredCache(ratio=0.5)
+            model(torch.randint(0, 256, (1, 20)), past_key_values=c)
+        with pytest.raises(ChelseaError, match="CUDA"):
+            GraphDecoder(model, c, token, cuda_graph=True)
+
+
+@pytest.mark.parametrize("span", [32, None])
+def test_decode_span_reclusters_only_the_recent_entries(span):
+    """With decode_span, a decoding-time clustering leaves everything before the last ``span``
+    entries (and the window) bit-identical, still meets the budget, and keeps counts = tokens seen."""
+    model = chelsea.prepare_model(tiny("llama"))
+    cache = ClusteredCache(ratio=0.5, chunk_size=8, window=8, sink_tokens=2, compress_every=8, decode_span=span)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        token = model(torch.randint(0, 256, (1, 300)), past_key_values=cache).logits[:, -1:].argmax(-1)
+        layer = cache.layers[1]
+        prefix_changed = False
+        for _ in range(32):
+            before_keys, before_len = layer.keys.clone(), layer.length
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            if layer.length < before_len + 1:  # a clustering ran in this step
+                fixed = before_len + 1 - 8 - (span or before_len)
+                if span is not None:
+                    assert torch.equal(layer.keys[:, :, :fixed], before_keys[:, :, :fixed])
+                else:
+                    prefix_changed |= not torch.equal(layer.keys[:, :, :200], before_keys[:, :, :200])
+                assert layer.length == cache.config.budget(layer.seen)
+            torch.testing.assert_close(layer.log_counts.exp().sum(-1), torch.full((1, 2), float(layer.seen)))
+    assert layer.seen == 332 and layer.compressions >= 5
+    if span is None:
+        assert prefix_changed  # the whole-cache clustering does reach back
+
+
+def test_layers_clustered_together_equal_layers_clustered_alone():
+    """compress_together batches the layers' decoding-time clusterings; the result is the same."""
+    from chelsea.cache import compress_together
+
+    model = chelsea.prepare_model(tiny("llama"))
+    caches = [ClusteredCache(ratio=0.6, chunk_size=8, window=8, sink_tokens=2, compress_every=8, decode_span=24) for _ in range(2)]
+    torch.manual_seed(5)
+    ids = torch.randint(0, 256, (2, 120))
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, past_key_values=cache)
+            for layer in cache.layers:  # as if 8 tokens had been decoded without clustering
+                layer.since_compression, layer.new_tokens = 8, 1
+                layer._store(*(torch.cat([t, t[:, :, -8:]], dim=2) for t in layer._entries()))
+                layer.seen += 8
+    for layer in caches[0].layers:
+        layer.compress()
+    compress_together(list(caches[1].layers))
+    for alone, together in zip(caches[0].layers, caches[1].layers):
+        assert together.compressions == alone.compressions >= 2
+        for a, b in zip(alone._entries(), together._entries()):
+            assert torch.equal(a, b)
