@@ -18,7 +18,8 @@ queries:
 - ``drop_err``: the relative error of attending to the sinks and window alone (the summarised
   tokens dropped, as StreamingLLM does): a summary is only worth its bytes below this.
 
-Both numerators are measured (``--numerators``): the paper's value-norm sample (``values``) and
+``delta`` is relative to the keys' median norm or, with ``--radius spread``, to their median
+distance from their mean. Both numerators are measured (``--numerators``): the paper's value-norm sample (``values``) and
 the cluster members' own values (``clusters``). ``--per-layer`` also writes one row per layer.
 
 Usage: python benchmarks/clustergen_error.py --model qwen2.5-coder-0.5b --max-tokens 16384 --out results/issue4
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from chelsea.methods.clustergen import ClusterGenSummary, clustergen_attention
+from chelsea.methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
 from chelsea.models import load_model
 from chelsea.prompts import find_haystack, haystack_text
 
@@ -65,13 +66,13 @@ def spectral_norm(v: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(v.double(), ord=2).item()
 
 
-def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, numerator="values", seed=0):
+def evaluate(q, k, v, n, *, sinks, window, queries, delta_rel, s, t, numerator="values", radius="norm", seed=0):
     """q [Hq, N, D], k/v [H, N, D]; context n. Returns a dict of metrics."""
     hq, heads, dim = q.shape[0], k.shape[0], k.shape[-1]
     groups = hq // heads
     old = slice(sinks, n - window)
     old_k, old_v = k[None, :, old], v[None, :, old]
-    norm = torch.linalg.vector_norm(old_k, dim=-1).median().item()
+    norm = radius_scale(old_k, radius)
     summ = ClusterGenSummary.empty(1, heads, dim, delta=delta_rel * norm, cluster_samples=s, value_samples=t,
                                    numerator=numerator, generator=torch.Generator().manual_seed(seed))
     summ.update(old_k, old_v)
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--value-samples", default="64,256")
     parser.add_argument("--cluster-samples", type=int, default=4)
     parser.add_argument("--numerators", default="values,clusters")
+    parser.add_argument("--radius", default="norm", help="Comma-separated units of delta: norm, spread.")
     parser.add_argument("--per-layer", action="store_true", help="Also one row per layer (column layer).")
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/issue4"))
@@ -133,13 +135,14 @@ def main() -> None:
     lengths = [n for n in (int(x) for x in args.lengths.split(",")) if n <= total]
     rows = []
     for n in lengths:
-        for delta in (float(x) for x in args.deltas.split(",")):
+        for delta, radius in ((float(x), r) for x in args.deltas.split(",") for r in args.radius.split(",")):
             for numerator in args.numerators.split(","):
                 samples = [int(x) for x in args.value_samples.split(",")] if numerator == "values" else [0]
                 for t in samples:
                     metrics = [evaluate(*store[layer], n, sinks=4, window=64, queries=args.queries, delta_rel=delta,
-                                        s=args.cluster_samples, t=max(t, 1), numerator=numerator) for layer in layers]
-                    base = {"context": n, "delta": delta, "numerator": numerator, "cluster_samples": args.cluster_samples,
+                                        s=args.cluster_samples, t=max(t, 1), numerator=numerator, radius=radius)
+                               for layer in layers]
+                    base = {"context": n, "delta": delta, "radius": radius, "numerator": numerator, "cluster_samples": args.cluster_samples,
                             "value_samples": t, "layer": "mean"}
                     row = {**base, **{key: round(sum(m[key] for m in metrics) / len(metrics), 4) for key in metrics[0]}}
                     rows.append(row)
@@ -166,10 +169,11 @@ def plot(rows, path: Path) -> None:
 
     rows = [r for r in rows if r.get("layer", "mean") == "mean"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    settings = sorted({(r.get("numerator", "values"), r["delta"], r["value_samples"]) for r in rows})
-    for numerator, delta, t in settings:
-        sel = [r for r in rows if (r.get("numerator", "values"), r["delta"], r["value_samples"]) == (numerator, delta, t)]
-        label = f"{numerator}, delta={delta}" + (f", t={t}" if numerator == "values" else "")
+    key = lambda r: (r.get("numerator", "values"), r["delta"], r["value_samples"], r.get("radius", "norm"))  # noqa: E731
+    settings = sorted({key(r) for r in rows})
+    for numerator, delta, t, radius in settings:
+        sel = [r for r in rows if key(r) == (numerator, delta, t, radius)]
+        label = f"{numerator}, delta={delta}" + (f", t={t}" if numerator == "values" else "") + (f", {radius}" if radius != "norm" else "")
         a.plot([r["mem_frac"] for r in sel], [r["rel_err"] for r in sel], "o-" if numerator == "clusters" else "s--", label=label)
         for r in sel:
             a.annotate(f"{r['context'] // 1024}K", (r["mem_frac"], r["rel_err"]), fontsize=7)
@@ -182,9 +186,10 @@ def plot(rows, path: Path) -> None:
     a.set_ylabel("relative error of attention output")
     a.legend(fontsize=6)
     first = settings[0]
-    for delta in sorted({r["delta"] for r in rows}):
-        sel = [r for r in rows if r["delta"] == delta and (r.get("numerator", "values"), r["value_samples"]) == (first[0], first[2])]
-        b.plot([r["context"] for r in sel], [r["clusters"] for r in sel], "o-", label=f"delta={delta}")
+    for delta, radius in sorted({(r["delta"], r.get("radius", "norm")) for r in rows}):
+        sel = [r for r in rows if (r["delta"], r.get("radius", "norm")) == (delta, radius)
+               and (r.get("numerator", "values"), r["value_samples"]) == (first[0], first[2])]
+        b.plot([r["context"] for r in sel], [r["clusters"] for r in sel], "o-", label=f"delta={delta}, {radius}")
     ctx = sorted({r["context"] for r in rows})
     b.plot(ctx, ctx, "k:", label="one cluster per token")
     b.set_xscale("log")

@@ -152,3 +152,23 @@ def test_long_prefill_in_query_blocks_gives_the_same_output(with_summary):
     whole = clustergen_attention(query, summ, win_k, win_v)
     blocked = clustergen_attention(query, summ, win_k, win_v, max_block_bytes=4 * 2 * 4 * 60)  # a few rows per block
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-12)
+
+
+def test_spread_radius_separates_keys_that_share_a_large_offset():
+    """Keys = a large common offset + small distinct parts: relative to the norm, one radius holds
+    them all; relative to their spread, they stay apart. Both units are what radius_scale says."""
+    from chelsea.methods.clustergen import radius_scale
+
+    g = torch.Generator().manual_seed(0)
+    parts = torch.randn(1, 2, 200, 16, generator=g, dtype=torch.float64)
+    keys = parts + 50.0
+    assert radius_scale(keys, "norm") == pytest.approx(torch.linalg.vector_norm(keys, dim=-1).median().item())
+    spread = radius_scale(keys, "spread")
+    assert spread == pytest.approx(torch.linalg.vector_norm(keys - keys.mean(-2, keepdim=True), dim=-1).median().item())
+    assert spread < 0.05 * radius_scale(keys, "norm")
+    counts = {}
+    for radius in ("norm", "spread"):
+        summary = ClusterGenSummary.empty(1, 2, 16, delta=0.5 * radius_scale(keys, radius), dtype=torch.float64)
+        summary.update(keys, keys)
+        counts[radius] = summary.n_clusters.min().item()
+    assert counts["norm"] == 1 and counts["spread"] > 20

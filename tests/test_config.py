@@ -37,7 +37,7 @@ def test_budget():
 @pytest.mark.parametrize(
     "kwargs,name",
     [({"delta": -1.0}, "delta"), ({"cluster_samples": 0}, "cluster_samples"), ({"value_samples": 0}, "value_samples"),
-     ({"window": -1}, "window")],
+     ({"window": -1}, "window"), ({"radius": "mean"}, "radius"), ({"numerator": "x"}, "numerator")],
 )
 def test_clustergen_bad_values_name_the_argument(kwargs, name):
     from chelsea import ClusterGenConfig

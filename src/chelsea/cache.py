@@ -33,7 +33,7 @@ from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
 from .methods._attention_scores import attention_mass
 from .methods.chelsea import chunked_soft_matching
-from .methods.clustergen import ClusterGenSummary, clustergen_attention
+from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
 
 NOT_CLUSTERED_ATTENTION = (
     "the clustered cache was used by an attention function other than 'chelsea', so its entries cannot be weighted. "
@@ -534,7 +534,7 @@ class ClusterGenLayer(_CompressedLayer):
         sinks = self.config.sink_tokens
         old_k, old_v = self.keys[:, :, sinks : sinks + count], self.values[:, :, sinks : sinks + count]
         if self.summary is None:
-            scale = torch.linalg.vector_norm(old_k.float(), dim=-1).median().item()
+            scale = radius_scale(old_k, self.config.radius)
             batch, heads, _, dim = old_k.shape
             self.summary = ClusterGenSummary.empty(
                 batch, heads, dim, old_v.shape[-1], delta=self.config.delta * scale,

@@ -34,7 +34,7 @@ ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Entries searched to
 SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
 StepOpt = Annotated[float, typer.Option("--step-fraction", help="Largest share of candidate edges merged per step, in (0, 1].")]
-DeltaOpt = Annotated[float, typer.Option(help="clustergen: cluster radius relative to the median key norm.")]
+DeltaOpt = Annotated[float, typer.Option(help="clustergen: cluster radius, relative to the median key norm (or spread: --radius).")]
 ClusterSamplesOpt = Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")]
 ValueSamplesOpt = Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm (--numerator values).")]
 NumeratorOpt = Annotated[str, typer.Option(help="clustergen: numerator from the cluster members ('clusters') or the paper's value sample ('values').")]
@@ -42,6 +42,7 @@ SpanOpt = Annotated[
     int,
     typer.Option("--decode-span", help="chelsea: while decoding, re-cluster only the last N entries before the window (0: the whole cache)."),
 ]
+RadiusOpt = Annotated[str, typer.Option(help="clustergen: --delta is relative to the keys' median 'norm' or their 'spread' around their mean.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
@@ -94,6 +95,7 @@ def generate(
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
     numerator: NumeratorOpt = "clusters",
+    radius: RadiusOpt = "norm",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -107,7 +109,7 @@ def generate(
     from .models import load_model, world_size
 
     if method == "clustergen":
-        config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32, numerator)
+        config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32, numerator, radius)
     else:
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None)
     if not prompt_file.is_file():
@@ -242,6 +244,7 @@ def eval_(
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
     numerator: NumeratorOpt = "clusters",
+    radius: RadiusOpt = "norm",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -256,7 +259,7 @@ def eval_(
     cells = plan(**grid)
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction)
     CompressionConfig(**knobs)
-    clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator)
+    clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     done = run_eval(lm, tokenizer, out, model_name=model, samples=samples, batch_size=batch_size, seed=seed,

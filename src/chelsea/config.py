@@ -95,6 +95,10 @@ class ClusterGenConfig:
         sink_tokens, window: first and most recent tokens kept exactly.
         compress_every: while decoding, move tokens that left the window into the summary once
             this many have piled up.
+        radius: what ``delta`` is relative to: ``"norm"`` (default), the median key norm of the
+            first summarised block; ``"spread"``, the median distance of those keys from their
+            mean. Keys that share a large common offset (Qwen2.5's first layer) all fit in one
+            norm-relative cluster; the spread measures how far apart they really are.
     """
 
     delta: float = 1.0
@@ -104,8 +108,11 @@ class ClusterGenConfig:
     window: int = 64
     compress_every: int = 32
     numerator: str = "clusters"
+    radius: str = "norm"
 
     def __post_init__(self) -> None:
+        if self.radius not in ("norm", "spread"):
+            raise ChelseaError(f"radius must be 'norm' or 'spread'; got {self.radius!r}")
         if self.numerator not in ("clusters", "values"):
             raise ChelseaError(f"numerator must be 'clusters' or 'values'; got {self.numerator!r}")
         if not isinstance(self.delta, (int, float)) or self.delta < 0:

@@ -320,3 +320,12 @@ def clustergen_attention(
         numerator = torch.exp(num_logits - m) @ torch.cat([sampled_values.to(work), wv], dim=-2)
         out = numerator * torch.exp(m - log_den)
     return out.reshape(batch, hq, q_len, -1).to(query.dtype)
+
+
+def radius_scale(keys: torch.Tensor, radius: str = "norm") -> float:
+    """The unit of ClusterGen's ``delta`` for keys ``[..., n, d]``: their median norm (``"norm"``)
+    or their median distance from their mean over ``n`` (``"spread"``)."""
+    keys = keys.float()
+    if radius == "spread":
+        keys = keys - keys.mean(dim=-2, keepdim=True)
+    return torch.linalg.vector_norm(keys, dim=-1).median().item()
