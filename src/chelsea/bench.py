@@ -102,23 +102,20 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     device = model.device
     gc.collect()  # the previous configuration's cache and graph, before measuring this one's memory
     cuda_graph = cuda_graph and method != "clustergen"
-    if method == "full" and cuda_graph:
-        config = CompressionConfig(ratio=0.0)
-    else:
-        config = CompressionConfig(ratio=ratio) if method not in ("full", "clustergen") else None
+    static_full = method == "full" and not cuda_graph
     register()
-    model.set_attn_implementation("sdpa" if method == "full" and not cuda_graph else ATTN_IMPLEMENTATION)
+    model.set_attn_implementation("sdpa" if static_full else ATTN_IMPLEMENTATION)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
-    if method == "full" and cuda_graph:
-        cache = make_cache("chelsea", config)
-    elif method == "full":
-        # The fair full cache for speed: preallocated, written in place (transformers' StaticCache).
+    if static_full:
+        # The fair full cache for eager steps: preallocated, written in place (transformers' StaticCache).
         from transformers import StaticCache
 
         cache = StaticCache(config=model.config, max_cache_len=context + decode_tokens + 8)
+    elif method == "full":  # graphed: the uncompressed cache in the buffers and kernel the methods use
+        cache = make_cache("chelsea", CompressionConfig(ratio=0.0))
     else:
-        cache = make_cache(method, config)
+        cache = make_cache(method, CompressionConfig(ratio=ratio) if method != "clustergen" else None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -295,20 +295,15 @@ class ClusteredLayer(_CompressedLayer):
     def capacity(self) -> int:
         return self._key_buf.shape[2]
 
-    def advance(self, new: int = 1, *, cluster: bool = True) -> None:
-        """Pinned: account for the ``new`` tokens a step wrote, and cluster if it is due (unless
-        ``cluster`` is false: the caller then clusters due layers together, :func:`compress_together`).
+    def advance(self, new: int = 1) -> None:
+        """Pinned: account for the ``new`` tokens a step wrote (the step itself advanced ``slot``).
 
-        The step itself advanced ``slot``; after a clustering :meth:`repin` resets it.
+        Clustering is the caller's: :func:`compress_together` on the due layers, then :meth:`repin`.
         """
         self.length += new
         self.seen += new
         self.since_compression += new
         self.new_tokens = new
-        if cluster:
-            before = self.length
-            self.after_attention()
-            self.repin(before)
 
     @property
     def compression_due(self) -> bool:
@@ -357,24 +352,7 @@ class ClusteredLayer(_CompressedLayer):
 
     def compress(self) -> None:
         """Cluster every batch row down to its budget, ``config.budget(tokens seen by the row)``."""
-        self.since_compression = 0
-        if self.keys.shape[2] == 0:
-            return
-        if not self.has_padding:
-            tokens = self.tokens_per_row()[0]
-            n_remove = self.keys.shape[2] - self.config.budget(tokens)
-            if n_remove <= 0:
-                self.skipped_compressions += 1
-                return
-            before = self.length
-            start = self._local_start()
-            if start > 0:  # the part from start on is returned with the same length
-                self._store_from(start, self._run(tuple(t[:, :, start:] for t in self._entries()), n_remove, sinks=0))
-            else:
-                self._store(*self._run(self._entries(), n_remove))
-            self._record(before - self.length)
-            return
-        self._compress_padded()
+        compress_together([self])
 
     def _local_start(self) -> int:
         """Where a decoding-time clustering starts (``config.decode_span``; 0: the whole cache)."""
@@ -478,31 +456,39 @@ class ClusteredLayer(_CompressedLayer):
 
 
 def compress_together(layers: list[ClusteredLayer]) -> None:
-    """Cluster layers that are due at the same step; those whose decoding-time clustering has the
-    same shape (same entries, span and entries to remove: layers of one model usually do) run as
-    one batch through Chelsea's compressor, which launches one set of kernels instead of one per
-    layer. Results equal :meth:`ClusteredLayer.compress` on each layer."""
+    """Cluster each layer down to its budget (:meth:`ClusteredLayer.compress` is this on one layer).
+
+    Decoding-time clusterings of the same shape (same entries, span and entries to remove: the
+    layers of one model usually agree) run as one batch through Chelsea's compressor, one set of
+    kernel launches instead of one per layer; whole-cache clusterings run one layer at a time.
+    Every (row, head) is clustered on its own, so the results equal clustering layer by layer.
+    """
     groups: dict[tuple, list[ClusteredLayer]] = {}
     for layer in layers:
-        start = layer._local_start() if layer.is_initialized and not layer.has_padding else 0
-        if start == 0:
-            layer.compress()
+        layer.since_compression = 0
+        if layer.length == 0:
+            continue
+        if layer.has_padding:
+            layer._compress_padded()
             continue
         n_remove = layer.length - layer.config.budget(layer.seen)
-        key = (start, n_remove, layer.length, tuple(layer.keys.shape), layer.config, layer._buffers)
+        if n_remove <= 0:
+            layer.skipped_compressions += 1
+            continue
+        start = layer._local_start()
+        key = (start, n_remove, tuple(layer.keys.shape), layer.config) if start else (0, n_remove, id(layer))
         groups.setdefault(key, []).append(layer)
     for (start, n_remove, *_), group in groups.items():
-        if n_remove <= 0 or len(group) == 1:
-            for layer in group:
-                layer.compress()
-            continue
-        parts = [torch.cat([getattr(layer, name)[:, :, start : layer.length] for layer in group]) for name in group[0]._buffers]
-        out = group[0]._run(tuple(parts), n_remove, sinks=0)
+        parts = [[getattr(layer, name)[:, :, start : layer.length] for layer in group] for name in group[0]._buffers]
+        out = group[0]._run(tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts), n_remove, sinks=0 if start else None)
         rows = group[0].keys.shape[0]
         for i, layer in enumerate(group):
-            layer.since_compression = 0
             before = layer.length
-            layer._store_from(start, tuple(t[i * rows : (i + 1) * rows] for t in out))
+            mine = tuple(t[i * rows : (i + 1) * rows] for t in out)
+            if start:
+                layer._store_from(start, mine)
+            else:
+                layer._store(*mine)
             layer._record(before - layer.length)
 
 

@@ -100,7 +100,7 @@ class GraphDecoder:
             self.graph.replay()
         due = []
         for layer in self.layers:
-            layer.advance(1, cluster=False)
+            layer.advance(1)
             if layer.compression_due:
                 due.append((layer, layer.length))
         if due:
