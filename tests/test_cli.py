@@ -111,6 +111,10 @@ def test_bench_rejects_bad_lists():
 def test_bench_refuses_cuda_graphs_without_cuda(tiny_model_dir):
     out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--contexts", "64", "--cuda-graphs")
     assert out.returncode == 2 and "--no-cuda-graphs" in out.stderr
+    out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--contexts", "64", "--fuse")
+    assert out.returncode == 2 and "needs --cuda-graphs" in out.stderr
+    out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--contexts", "64", "--batches", "2", "--prefill-batch", "1")
+    assert out.returncode == 2 and "StaticCache" in out.stderr
 
 
 @pytest.mark.parametrize("fits_up_to,limit", [(37, 1024), (1, 64), (0, 64), (64, 64), (100, 48), (5, 6)])

@@ -167,3 +167,134 @@ def test_layers_clustered_together_equal_layers_clustered_alone():
         assert together.compressions == alone.compressions >= 2
         for a, b in zip(alone._entries(), together._entries()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method,ratio", [("chelsea", 0.5), ("chelsea", 0.0), ("snapkv", 0.6)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_micro_batched_prefill_equals_one_pass(method, ratio, padded):
+    """Rows prefilled one or two at a time and copied into one cache: the same logits and the same
+    stored entries as prefilling the batch at once, and decoding goes on to the same tokens.
+    Padded rows cluster to different lengths and are left-padded to one length on the way."""
+    from chelsea.generation import prefill
+
+    model = chelsea.prepare_model(tiny("llama"))
+    torch.manual_seed(4)
+    ids = torch.randint(0, 256, (3, 60))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :9] = 0
+        mask[2, :23] = 0
+    for micro_batch in (1, 2):
+        cache, ref_cache = _caches(method, ratio)
+        with torch.no_grad():
+            got = prefill(model, ids, cache, attention_mask=mask, micro_batch=micro_batch)
+            want = prefill(model, ids, ref_cache, attention_mask=mask)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
+            assert layer.length == ref.length and layer.seen == ref.seen == 60
+            assert layer.has_padding == ref.has_padding
+            for mine, theirs in zip(layer._entries(), ref._entries(), strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        assert cache.stats()["kv_bytes"] == ref_cache.stats()["kv_bytes"]
+        token = want[:, -1:].argmax(-1)
+        with torch.no_grad(), GraphDecoder(model, cache, token) as a, GraphDecoder(model, ref_cache, token) as b:
+            for _ in range(12):
+                assert torch.equal(a.step(), b.step())
+
+
+def test_micro_batched_prefill_refusals():
+    from chelsea.generation import prefill
+
+    model = chelsea.prepare_model(tiny("llama"))
+    ids = torch.randint(0, 256, (2, 20))
+    with pytest.raises(ChelseaError, match="at least 1"):
+        prefill(model, ids, ClusteredCache(ratio=0.5), micro_batch=0)
+    with pytest.raises(ChelseaError, match="ClusteredCache"):
+        prefill(model, ids, __import__("transformers").DynamicCache(), micro_batch=1)
+    with pytest.raises(ChelseaError, match="clustergen"):
+        prefill(model, ids, ClusteredCache(ClusterGenConfig()), micro_batch=1)
+    cache = ClusteredCache(ratio=0.5)
+    with torch.no_grad():
+        prefill(model, ids, cache)
+        with pytest.raises(ChelseaError, match="empty cache"):
+            prefill(model, ids, cache, micro_batch=1)
+
+
+def _has_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_fused_layers_decode_like_eager_layers():
+    """Compiled decoder layers (cache update and attention left out of the graphs) give the eager
+    layers' tokens and logits, through clusterings and re-pins."""
+    from chelsea.decoding import fuse_layers
+
+    model = chelsea.prepare_model(tiny("llama"))
+    torch.manual_seed(5)
+    ids = torch.randint(0, 256, (2, 40))
+    mask = torch.ones_like(ids)
+    cache, ref_cache = _caches("chelsea", 0.5)
+    with torch.no_grad():
+        first = model(ids, past_key_values=ref_cache).logits[:, -1:].argmax(-1)
+        with GraphDecoder(model, ref_cache, first, headroom=6) as decoder:
+            want = [(decoder.step().clone(), decoder.logits.clone()) for _ in range(20)]
+        assert fuse_layers(model) == len(model.model.layers)
+        with torch.compiler.set_stance("force_eager"):
+            model(ids, attention_mask=mask, past_key_values=cache)
+        with GraphDecoder(model, cache, first, headroom=6) as decoder:
+            got = [(decoder.step().clone(), decoder.logits.clone()) for _ in range(20)]
+    torch._dynamo.reset()
+    for (tok, logits), (want_tok, want_logits) in zip(got, want, strict=True):
+        assert torch.equal(tok, want_tok)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_layers_refuses_a_model_without_decoder_layers():
+    from chelsea.decoding import fuse_layers
+
+    model = tiny("llama")
+    model.model.layers = torch.nn.Identity()
+    with pytest.raises(ChelseaError, match="decoder layers"):
+        fuse_layers(model)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["chelsea", "h2o"])
+def test_generate_through_the_graph_decoder_gives_model_generate_tokens(tiny_model_dir, device, method):
+    """`generate` with pinned, graph-replayed steps (eager on the CPU) against `model.generate`:
+    the same tokens and cache statistics, through clusterings (compress_every 8, 40 new tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chelsea.config import CompressionConfig
+    from chelsea.generation import _generate_graphed, generate, make_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()
+    model.generation_config.eos_token_id = None  # a random model: run all 40 steps
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    inputs = {"input_ids": torch.randint(0, 200, (1, 120), generator=torch.Generator().manual_seed(6))}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    config = CompressionConfig(ratio=0.6, chunk_size=8, window=8, sink_tokens=2, compress_every=8)
+    want = generate(model, tokenizer, inputs, method=method, config=config, max_new_tokens=40, cuda_graph=False)
+    graphed = {k: v.to(device) for k, v in inputs.items()}
+    got = _generate_graphed(model, tokenizer, graphed, method, make_cache(method, config), 40)
+    assert got.tokens == want.tokens and len(got.tokens) == 40
+    for field in ("tokens_seen", "kv_entries", "kv_bytes", "compressed"):
+        assert getattr(got, field) == getattr(want, field), field
+    if device == "cuda":
+        auto = generate(model, tokenizer, inputs, method=method, config=config, max_new_tokens=40)
+        assert auto.tokens == want.tokens
+
+
+def test_generate_refuses_cuda_graphs_off_cuda(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chelsea.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    inputs = {"input_ids": torch.randint(0, 200, (1, 20))}
+    with pytest.raises(ChelseaError, match="--no-cuda-graphs"):
+        generate(model, tokenizer, inputs, method="chelsea", cuda_graph=True)

@@ -62,3 +62,27 @@ def test_kernel_reads_strided_slices():
 def test_weighted_attention_uses_the_kernel_on_cuda():
     q, k, v, lc = _inputs(2, 8, 2, 1, 500, 64, torch.bfloat16, "cuda")
     assert torch.equal(weighted_attention(q, k, v, lc), decode_attention(q, k, v, lc))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("zeroed", [0, 1, 2])
+@pytest.mark.parametrize("dim,dim_v", [(64, 64), (128, 96)])
+def test_slot_write_equals_index_copy(device, zeroed, dim, dim_v):
+    """The one-launch slot write (Triton on CUDA) does what index_copy_ and index_fill_ do, and
+    leaves every other entry alone; the new key may be a non-contiguous view."""
+    from chelsea.kernels import write_slot
+
+    g = torch.Generator(device=device).manual_seed(1)
+    bufs = [torch.randn(3, 4, 20, d, generator=g, device=device).to(torch.bfloat16) for d in (dim, dim_v)]
+    stats = [torch.randn(3, 4, 20, generator=g, device=device) for _ in range(zeroed)]
+    key = torch.randn(3, 1, 4, dim, generator=g, device=device).to(torch.bfloat16).transpose(1, 2)
+    value = torch.randn(3, 4, 1, dim_v, generator=g, device=device).to(torch.bfloat16)
+    slot = torch.tensor([13], device=device)
+    want = [b.clone() for b in bufs + stats]
+    want[0].index_copy_(2, slot, key)
+    want[1].index_copy_(2, slot, value)
+    for t in want[2:]:
+        t.index_fill_(2, slot, 0.0)
+    write_slot(slot, key, value, *bufs, *stats)
+    for got, expected in zip(bufs + stats, want, strict=True):
+        assert torch.equal(got, expected)

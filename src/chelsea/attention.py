@@ -84,6 +84,7 @@ def weighted_attention(
     return out
 
 
+@torch.compiler.disable  # the cache layer's attend() clusters on the host; see ClusteredCache.update
 def chelsea_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

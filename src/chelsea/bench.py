@@ -4,7 +4,9 @@ Models are either built-in/real (``smollm2-135m``, any id or path) or architectu
 random weights (``llama3-8b``, ``mistral-7b``, ``qwen2.5-7b``): right for speed and memory, never
 for accuracy. Prompts are random token ids. For each configuration:
 
-- ``prefill_s``: one forward pass over the prompt (``logits_to_keep=1``), clustering included;
+- ``prefill_s``: the prompts' forward pass (``logits_to_keep=1``), clustering included, eager even
+  when the layers are fused; with ``prefill_batch`` (in each record) the prompts go through that
+  many at a time and their entries are copied into one cache (:func:`chelsea.generation.prefill`);
 - ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
   divided by their number, after 5 untimed steps; periodic re-clustering is included. Before the
   first configuration, every method runs once untimed on a short prompt (compilation, allocator);
@@ -19,7 +21,8 @@ Two ways of decoding (``cuda_graph`` in each record):
 - ``cuda_graph: true`` (the default on one CUDA device): every decoding step is replayed from a
   CUDA graph (:class:`chelsea.decoding.GraphDecoder`), so host work does not hide the memory
   traffic. ``full`` is then the uncompressed cache in the same preallocated buffers, read by the
-  same Triton kernel, so the speed-up measures what storing fewer entries buys.
+  same Triton kernel, so the speed-up measures what storing fewer entries buys. With ``fused``
+  (the default there) the decoder layers are compiled (:func:`chelsea.decoding.fuse_layers`).
 - ``cuda_graph: false``: ordinary eager steps through transformers. ``full`` is transformers'
   ``StaticCache`` (preallocated, written in place) with PyTorch SDPA, the fastest full cache
   transformers offers without compiling; ClusterGen always decodes this way.
@@ -45,6 +48,7 @@ import torch
 from .config import CompressionConfig
 from .errors import ChelseaError
 from .generation import _sync, cache_stats, make_cache
+from .generation import prefill as prefill_cache
 
 PRESETS = {
     "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -94,8 +98,10 @@ WARMUP_STEPS = 5
 
 
 def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0,
-            cuda_graph: bool = False) -> dict:
-    """Prefill ``batch`` random prompts of ``context`` tokens, then decode; returns one record."""
+            cuda_graph: bool = False, prefill_batch: int | None = None, fused: bool = False) -> dict:
+    """Prefill ``batch`` random prompts of ``context`` tokens (``prefill_batch`` rows at a time),
+    then decode; returns one record. ``fused`` only labels the record: whether the caller compiled
+    the decoder layers (:func:`chelsea.decoding.fuse_layers`); the prefill runs eagerly anyway."""
     from .attention import ATTN_IMPLEMENTATION, register
     from .decoding import GraphDecoder
 
@@ -107,6 +113,9 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     model.set_attn_implementation("sdpa" if static_full else ATTN_IMPLEMENTATION)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
+    if static_full and prefill_batch is not None and prefill_batch < batch:
+        raise ChelseaError("--prefill-batch needs CUDA graphs (the full cache is then a ClusteredCache); "
+                           "with --no-cuda-graphs the full cache is transformers' StaticCache, prefilled at once")
     if static_full:
         # The fair full cache for eager steps: preallocated, written in place (transformers' StaticCache).
         from transformers import StaticCache
@@ -122,11 +131,12 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with torch.compiler.set_stance("force_eager"):
+            logits = prefill_cache(model, ids, cache, micro_batch=prefill_batch)
         _sync(device)
         prefill = time.perf_counter() - start
-        token = out.logits[:, -1:].argmax(-1)
-        del out
+        token = logits[:, -1:].argmax(-1)
+        del logits
         if cuda_graph:
             # Room for every step, so no re-pin happens while timing.
             decoder = GraphDecoder(model, cache, token, cuda_graph=True, headroom=WARMUP_STEPS + decode_tokens + 1)
@@ -153,6 +163,8 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         "context": context,
         "batch": batch,
         "cuda_graph": cuda_graph,
+        "fused": fused,
+        "prefill_batch": min(prefill_batch or batch, batch),
         "prefill_s": round(prefill, 4),
         "decode_ms_per_token": round(decode * 1e3, 3),
         "tokens_per_s": round(batch / decode, 1),
@@ -191,12 +203,15 @@ def largest_batch(try_batch: Callable[[int], dict | None], limit: int = 1024) ->
 
 def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
         decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
-        device_map: str | None = None, max_batch: int | None = None, cuda_graph: bool | None = None) -> list[dict]:
+        device_map: str | None = None, max_batch: int | None = None, cuda_graph: bool | None = None,
+        fuse: bool | None = None, prefill_batch: int | None = None) -> list[dict]:
     """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such.
 
     With ``max_batch`` (the search's upper limit) ``batches`` is ignored and the largest batch that
     fits is searched for each (context, method, ratio) instead. ``cuda_graph`` (default: on a
-    single CUDA device) replays decoding steps from CUDA graphs.
+    single CUDA device) replays decoding steps from CUDA graphs; ``fuse`` (default: with CUDA
+    graphs) compiles the decoder layers for them (:func:`chelsea.decoding.fuse_layers`);
+    ``prefill_batch`` prefills that many rows at a time (default: the whole batch).
     """
     if "full" not in methods:
         methods = ["full", *methods]
@@ -208,11 +223,24 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         cuda_graph = single
     elif cuda_graph and not single:
         raise ChelseaError("--cuda-graphs needs the model on one CUDA device (no tensor parallelism or --device-map); use --no-cuda-graphs")
+    if fuse is None:
+        fuse = cuda_graph
+    elif fuse and not cuda_graph:
+        raise ChelseaError("--fuse compiles the decoding step that CUDA graphs replay; it needs --cuda-graphs")
+    if prefill_batch is not None and prefill_batch < 1:
+        raise ChelseaError(f"--prefill-batch must be at least 1; got {prefill_batch}")
+    if fuse:
+        from .decoding import fuse_layers
+
+        fuse_layers(model)
+
+    def one(method, ratio, context, batch, tokens=decode_tokens):
+        return run_one(model, method, ratio, context, batch, tokens, cuda_graph=cuda_graph, prefill_batch=prefill_batch, fused=fuse)
     limit = getattr(model.config, "max_position_embeddings", None)
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
-        run_one(model, method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4, cuda_graph=cuda_graph)
+        one(method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4)
 
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
@@ -225,14 +253,14 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         if limit is not None and context + decode_tokens + 2 > limit:
             raise ChelseaError(f"--contexts {context} exceeds {model_name}'s context of {limit} tokens")
         if max_batch is not None:
-            records += _search(model, methods, ratios, context, decode_tokens, max_batch, base(), progress, cuda_graph)
+            records += _search(one, methods, ratios, context, max_batch, base(), progress)
             continue
         for batch in batches:
             full_ms = None
             for method in methods:
                 for ratio in _settings(method, ratios):
                     try:
-                        record = {**base(), **run_one(model, method, ratio, context, batch, decode_tokens, cuda_graph=cuda_graph)}
+                        record = {**base(), **one(method, ratio, context, batch)}
                     except torch.OutOfMemoryError:
                         record = {**base(), "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
                         torch.cuda.empty_cache()
@@ -250,13 +278,14 @@ def _settings(method: str, ratios: list[float]) -> list[float | None]:
     return [0.0] if method == "full" else [None] if method == "clustergen" else ratios
 
 
-def _search(model, methods, ratios, context, decode_tokens, limit, base, progress, cuda_graph) -> list[dict]:
-    """Largest fitting batch and its record for every method and ratio at one context."""
+def _search(one, methods, ratios, context, limit, base, progress) -> list[dict]:
+    """Largest fitting batch and its record for every method and ratio at one context
+    (``one(method, ratio, context, batch)`` measures one configuration)."""
 
     def attempt(method, ratio):
         def try_batch(batch):
             try:
-                return run_one(model, method, ratio, context, batch, decode_tokens, cuda_graph=cuda_graph)
+                return one(method, ratio, context, batch)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 return None

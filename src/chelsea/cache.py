@@ -31,9 +31,20 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import weighted_attention
 from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
+from .kernels import write_slot
 from .methods._attention_scores import attention_mass
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
+
+_PAD_FILL = {"_key_buf": 0.0, "_value_buf": 0.0, "_count_buf": float("-inf"), "_score_buf": 0.0}  # a padding slot
+
+
+def _left_padded(entries: tuple[torch.Tensor, ...], names: tuple[str, ...], pad: int) -> tuple[torch.Tensor, ...]:
+    """``entries`` (one tensor per buffer in ``names``) with ``pad`` padding slots before them."""
+    if pad == 0:
+        return entries
+    return tuple(torch.cat([t.new_full((*t.shape[:2], pad, *t.shape[3:]), _PAD_FILL[name]), t], dim=2)
+                 for name, t in zip(names, entries))
 
 NOT_CLUSTERED_ATTENTION = (
     "the clustered cache was used by an attention function other than 'chelsea', so its entries cannot be weighted. "
@@ -152,10 +163,7 @@ class _CompressedLayer(CacheLayerMixin):
         new = key_states.shape[2]
         if new != 1:
             raise ChelseaError(f"a pinned cache layer takes one new token per step, not {new}")
-        self._key_buf.index_copy_(2, self.slot, key_states)
-        self._value_buf.index_copy_(2, self.slot, value_states)
-        for name in self._buffers[2:]:
-            getattr(self, name).index_fill_(2, self.slot, 0.0)
+        write_slot(self.slot, key_states, value_states, self._key_buf, self._value_buf, *(getattr(self, n) for n in self._buffers[2:]))
         self.new_tokens = new
         self.awaiting_attention = True
         keys = self._key_buf[:, :]  # a view: the buffer itself must not point back at the layer (a cycle)
@@ -316,6 +324,50 @@ class ClusteredLayer(_CompressedLayer):
             self._count_buf[:, :, self.length : before] = float("-inf")
             self.slot.fill_(self.length)
 
+    # Rows prefilled apart (micro-batched prefill) --------------------------------------------
+
+    def take_rows(self, part: ClusteredLayer, start: int, batch: int) -> None:
+        """Copy the entries of ``part`` (a layer of the same cache kind, prefilled with rows
+        ``start:start + rows`` of the same prompts) into those rows of this layer of ``batch`` rows.
+
+        The first call allocates the buffers; a part that stored a different number of entries
+        (padded prompts cluster to different lengths) is left-padded, or this layer is, with
+        entries of log-count ``-inf``, as a padded batch prefilled at once would be.
+        """
+        rows = part.keys.shape[0]
+        if not self.is_initialized:
+            self.dtype, self.device = part.dtype, part.device
+            for name in part._buffers:
+                buf = getattr(part, name)
+                setattr(self, name, buf.new_zeros((batch, *buf.shape[1:])))
+            self.seen, self.since_compression, self.new_tokens = part.seen, part.since_compression, part.new_tokens
+            self.length = part.length
+            self.is_initialized = True
+        elif part.seen != self.seen:
+            raise ChelseaError(f"rows prefilled apart must see the same number of tokens ({part.seen} vs {self.seen})")
+        length = max(self.length, part.length)
+        if self.length < length:
+            self._left_pad(length - self.length)
+        entries = _left_padded(part._entries(), part._buffers, length - part.length)
+        for name, t in zip(self._buffers, entries):
+            getattr(self, name)[start : start + rows, :, :length] = t
+        # Padding slots are not tokens (row_padding counts padding tokens seen), but once any
+        # exist the rows are treated as padded: attention reads the log-counts, rows cluster apart.
+        if part.row_padding is not None or part.length < length or self.row_padding is not None:
+            if self.row_padding is None:
+                self.row_padding = torch.zeros(batch, dtype=torch.long, device=self.device)
+            self.row_padding[start : start + rows] = 0 if part.row_padding is None else part.row_padding
+        self.has_merged |= part.has_merged
+        self.compressions = max(self.compressions, part.compressions)
+        self.skipped_compressions = max(self.skipped_compressions, part.skipped_compressions)
+
+    def _left_pad(self, pad: int) -> None:
+        """Put ``pad`` padding entries (log-count ``-inf``) before every row's stored entries."""
+        self._reallocate(max(self.capacity, self.length + pad), _left_padded(self._entries(), self._buffers, pad))
+        self.length += pad
+        if self.row_padding is None:
+            self.row_padding = torch.zeros(self._key_buf.shape[0], dtype=torch.long, device=self.device)
+
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Give padding among the newest tokens log-count ``-inf``: never attended, never merged."""
         if bool(new_valid.all()):
@@ -410,16 +462,8 @@ class ClusteredLayer(_CompressedLayer):
                 removed = max(removed, before - row[0].shape[2])
             rows.append(row)
         length = max(r[0].shape[2] for r in rows)
-
-        def left_pad(x: torch.Tensor, fill: float) -> torch.Tensor:
-            pad = length - x.shape[2]
-            if pad == 0:
-                return x
-            shape = (*x.shape[:2], pad, *x.shape[3:])
-            return torch.cat([x.new_full(shape, fill), x], dim=2)
-
-        fills = (0.0, 0.0, float("-inf"), 0.0)  # padding slots: log-count -inf, score 0
-        self._store(*(torch.cat([left_pad(r[i], fills[i]) for r in rows]) for i in range(len(entries))))
+        rows = [_left_padded(r, self._buffers, length - r[0].shape[2]) for r in rows]
+        self._store(*(torch.cat([r[i] for r in rows]) for i in range(len(entries))))
         self._record(removed)
 
     # Cache contract ---------------------------------------------------------------------------
@@ -581,11 +625,32 @@ class ClusteredCache(Cache):
         if config is not None and knobs:
             raise ChelseaError(f"pass either a config or keyword settings, not both (got {sorted(knobs)})")
         self.config = config if config is not None else CompressionConfig(**knobs)
+        self.compressor = compressor
         if isinstance(self.config, ClusterGenConfig):
             layer = partial(ClusterGenLayer, self.config)
         else:
             layer = partial(ClusteredLayer, self.config, compressor)
         super().__init__(layer_class_to_replicate=layer)
+
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``Cache.update``, kept out of ``torch.compile`` graphs: the layers keep Python-side
+        counters and cluster on the host, which a traced graph would freeze."""
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def empty_like(self) -> ClusteredCache:
+        """A new empty cache with the same settings and method."""
+        return ClusteredCache(self.config, compressor=self.compressor)
+
+    def take_rows(self, part: ClusteredCache, start: int, batch: int) -> None:
+        """Copy ``part`` (prefilled with rows ``start:`` of the prompts) into those rows of this
+        cache of ``batch`` rows; see :func:`chelsea.generation.prefill`."""
+        if isinstance(self.config, ClusterGenConfig):
+            raise ChelseaError("clustergen caches cannot be prefilled in micro-batches yet; prefill the whole batch at once")
+        while len(self.layers) < len(part.layers):
+            self.layers.append(self.layer_class_to_replicate())
+        for layer, piece in zip(self.layers, part.layers):
+            layer.take_rows(piece, start, batch)
 
     def stats(self) -> dict:
         """What the cache holds now, averaged over layers (entries also over rows and KV heads)."""

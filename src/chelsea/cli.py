@@ -96,6 +96,14 @@ def generate(
     value_samples: ValueSamplesOpt = 256,
     numerator: NumeratorOpt = "clusters",
     radius: RadiusOpt = "norm",
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Chelsea and the eviction methods: decode with steps replayed from a CUDA graph (same greedy tokens). "
+            "Default: on when the model is on one CUDA device; off: model.generate.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -116,7 +124,7 @@ def generate(
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
     inputs = encode(tokenizer, prompt_file.read_text(encoding="utf-8"), question, chat_template=chat_template)
-    result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens)
+    result = run(lm, tokenizer, inputs, method=method, config=config, max_new_tokens=max_new_tokens, cuda_graph=cuda_graphs)
     row = {"model": model, **result.to_dict(), "world_size": world_size()}
     if json_out:
         typer.echo(json.dumps(row))
@@ -330,6 +338,18 @@ def bench(
             "Off: eager transformers steps, 'full' is StaticCache + SDPA. Default: on for one CUDA device.",
         ),
     ] = None,
+    fuse: Annotated[
+        bool | None,
+        typer.Option(
+            "--fuse/--no-fuse",
+            help="Compile the decoder layers (torch.compile) so the graphed step runs fused norms, rotary and activations; "
+            "the cache update and attention stay outside. Needs --cuda-graphs. Default: on with CUDA graphs.",
+        ),
+    ] = None,
+    prefill_batch: Annotated[
+        int | None,
+        typer.Option("--prefill-batch", help="Prefill this many prompts at a time (needs CUDA graphs): lower peak memory, larger batches. Default: all at once."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -359,7 +379,7 @@ def bench(
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
                         decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
-                        device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs)
+                        device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs, fuse=fuse, prefill_batch=prefill_batch)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
                ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),

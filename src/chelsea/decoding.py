@@ -26,6 +26,32 @@ from .cache import ClusteredCache, ClusteredLayer, compress_together
 from .errors import ChelseaError
 
 
+def fuse_layers(model) -> int:
+    """Compile each decoder layer of ``model`` with ``torch.compile``; returns how many.
+
+    A decoding step at small batch is mostly tiny element-wise kernels around the matrix products:
+    RMS norms, rotary embeddings, the MLP's activation, residual additions, each a launch and a
+    round trip through memory. Compiled, they fuse into a few kernels per layer. The cache update
+    and the "chelsea" attention stay outside the compiled graphs (they cluster on the host), so
+    the layer is compiled in pieces around them.
+
+    Every new input shape compiles once (seconds); a step replayed from a CUDA graph
+    (:class:`GraphDecoder`) then runs the fused kernels. To keep a prefill eager, run it under
+    ``torch.compiler.set_stance("force_eager")``.
+    """
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ChelseaError(f"{type(model).__name__} has no list of decoder layers to compile")
+    # Each layer's attention passes its own layer index to the cache, so every layer can need
+    # its own graphs; the default limit (8 per function) would leave the rest eager.
+    limit = 4 * len(layers) + 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * limit)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
 class GraphDecoder:
     """Greedy decoding of a batch after its prefill, one token per call of :meth:`step`.
 

@@ -94,6 +94,37 @@ def make_cache(method: str, config: CompressionConfig | ClusterGenConfig | None)
     raise ChelseaError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
+def prefill(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
+            micro_batch: int | None = None) -> torch.Tensor:
+    """The prompts' forward pass into ``cache``; returns the last position's logits ``[batch, 1, vocab]``.
+
+    With ``micro_batch`` (a :class:`ClusteredCache` of Chelsea, ``full`` as ``ratio=0`` or an
+    eviction method), the rows go through the model ``micro_batch`` at a time, each group into an
+    empty cache of the same settings whose entries are then copied into its rows of ``cache``.
+    The results are those of one pass (rows never interact), but the peak memory is one group's
+    activations and uncompressed keys and values, not the whole batch's: with a compressing
+    method far larger batches fit.
+    """
+    batch = input_ids.shape[0]
+    if micro_batch is not None and micro_batch < 1:
+        raise ChelseaError(f"the prefill micro-batch must be at least 1 row; got {micro_batch}")
+    if micro_batch is None or micro_batch >= batch:
+        return model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    if not isinstance(cache, ClusteredCache):
+        raise ChelseaError("a micro-batched prefill needs a ClusteredCache (use ClusteredCache(ratio=0.0) for a full cache)")
+    if any(layer.is_initialized for layer in cache.layers):
+        raise ChelseaError("a micro-batched prefill starts from an empty cache")
+    logits = []
+    for start in range(0, batch, micro_batch):
+        rows = slice(start, start + micro_batch)
+        part = cache.empty_like()
+        mask = None if attention_mask is None else attention_mask[rows]
+        logits.append(model(input_ids[rows], attention_mask=mask, past_key_values=part, use_cache=True, logits_to_keep=1).logits)
+        cache.take_rows(part, start, batch)
+        del part
+    return torch.cat(logits)
+
+
 def use_method(model, method: str) -> None:
     """Switch ``model`` to the attention ``method`` needs: SDPA for ``full``, "chelsea" for the rest."""
     if method != "full":
@@ -111,6 +142,7 @@ def generate(
     method: str = "chelsea",
     config: CompressionConfig | ClusterGenConfig | None = None,
     max_new_tokens: int = 32,
+    cuda_graph: bool | None = None,
 ) -> GenerationResult:
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
@@ -119,6 +151,11 @@ def generate(
     ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
     ``ratio`` in the result is the setting for the ratio-based methods, 0 for ``full`` and ``None`` for
     ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).
+
+    ``cuda_graph`` (default: on when the model sits on one CUDA device): Chelsea and the eviction
+    methods decode through :class:`chelsea.decoding.GraphDecoder`, each step replayed from a CUDA
+    graph, instead of ``model.generate`` (the same greedy tokens). Models whose generation config
+    asks for more than the argmax (a repetition penalty, banned n-grams) always use ``model.generate``.
     """
     if max_new_tokens < 1:
         raise ChelseaError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
@@ -129,6 +166,12 @@ def generate(
     use_method(model, method)
     device = model.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if cuda_graph is None:
+        cuda_graph = _one_cuda_device(model)
+    elif cuda_graph and not _one_cuda_device(model):
+        raise ChelseaError("--cuda-graphs needs the model on one CUDA device (no tensor parallelism or --device-map); use --no-cuda-graphs")
+    if cuda_graph and method in COMPRESSORS and _plain_greedy(model.generation_config):
+        return _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens)
     clock = _FirstTokenClock(device)
     _sync(device)
     start = time.perf_counter()
@@ -146,7 +189,10 @@ def generate(
         )
     _sync(device)
     end = time.perf_counter()
-    new = out[0, prompt_tokens:]
+    return _result(tokenizer, method, cache, prompt_tokens, out[0, prompt_tokens:], clock.first - start, end - clock.first)
+
+
+def _result(tokenizer, method, cache, prompt_tokens, new, prefill_s, decode_s) -> GenerationResult:
     stats = cache_stats(cache)
     return GenerationResult(
         answer=tokenizer.decode(new, skip_special_tokens=True).strip(),
@@ -159,7 +205,46 @@ def generate(
         kv_bytes=stats["kv_bytes"],
         kv_bytes_full=stats["kv_bytes_full"],
         compressed=stats["compressed"],
-        prefill_s=round(clock.first - start, 4),
-        decode_s=round(end - clock.first, 4),
+        prefill_s=round(prefill_s, 4),
+        decode_s=round(decode_s, 4),
         tokens=new.tolist(),
     )
+
+
+def _one_cuda_device(model) -> bool:
+    from .models import world_size
+
+    devices = set(getattr(model, "hf_device_map", {"": model.device}).values())
+    return model.device.type == "cuda" and world_size() == 1 and len(devices) == 1
+
+
+def _plain_greedy(generation_config) -> bool:
+    """Whether greedy decoding under ``generation_config`` is the plain argmax of the logits."""
+    return (generation_config.repetition_penalty in (None, 1.0) and not generation_config.no_repeat_ngram_size
+            and generation_config.bad_words_ids is None and generation_config.suppress_tokens is None
+            and generation_config.begin_suppress_tokens is None and not generation_config.min_new_tokens
+            and not generation_config.min_length)
+
+
+def _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens) -> GenerationResult:
+    """Greedy generation of one prompt: prefill, then steps replayed by a :class:`GraphDecoder`
+    until ``max_new_tokens`` or an end-of-sequence token."""
+    from .decoding import GraphDecoder
+
+    device = model.device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        token = prefill(model, inputs["input_ids"], cache, attention_mask=inputs.get("attention_mask"))[:, -1:].argmax(-1)
+        tokens = [int(token)]
+        first = time.perf_counter()
+        if max_new_tokens > 1 and tokens[0] not in eos:
+            with GraphDecoder(model, cache, token, headroom=max(max_new_tokens, 16)) as decoder:
+                while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+                    tokens.append(int(decoder.step()))
+    _sync(device)
+    end = time.perf_counter()
+    new = torch.tensor(tokens)
+    return _result(tokenizer, method, cache, inputs["input_ids"].shape[1], new, first - start, end - first)

@@ -1,5 +1,6 @@
 """GPU kernels (Triton). Each has a PyTorch path that gives the same results on the CPU."""
 
 from .decode_attention import decode_attention, kernel_applies, run_kernel
+from .slot_write import write_slot
 
-__all__ = ["decode_attention", "kernel_applies", "run_kernel"]
+__all__ = ["decode_attention", "kernel_applies", "run_kernel", "write_slot"]

@@ -83,8 +83,10 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _combine_kernel(M_in, L_in, Acc_in, Out, splits, rows, ROWS: tl.constexpr, SPLITS: tl.constexpr, DV: tl.constexpr):
-        """Merge the splits of one (row, KV head) program: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i."""
+    def _combine_kernel(M_in, L_in, Acc_in, Out, splits, heads, groups, q_len, stride_ob, stride_oh, stride_ot,
+                        ROWS: tl.constexpr, SPLITS: tl.constexpr, DV: tl.constexpr):
+        """Merge the splits of one (row, KV head) program: out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i,
+        stored in the output's dtype at (batch, query head, token)."""
         bh = tl.program_id(0)
         r = tl.program_id(1)
         i = tl.arange(0, SPLITS)
@@ -97,7 +99,9 @@ if triton is not None:
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
         acc = tl.load(Acc_in + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(Out + (bh * rows + r) * DV + dv, out)
+        b = bh // heads
+        hq = (bh % heads) * groups + r // q_len
+        tl.store(Out + b * stride_ob + hq * stride_oh + (r % q_len) * stride_ot + dv, out.to(Out.dtype.element_ty))
 
 
 def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -128,7 +132,7 @@ def decode_attention(
     ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``.
 
     Runs the kernel where :func:`kernel_applies`, else the PyTorch path. ``tuning`` goes to
-    :func:`run_kernel` (``splits``, ``block_n``, ``num_warps``, ``target_programs``).
+    :func:`run_kernel` (``splits``, ``block_n``, ``num_warps``, ``num_stages``, ``target_programs``).
     """
     if not kernel_applies(query, key, value):
         from ..attention import weighted_attention
@@ -147,6 +151,7 @@ def run_kernel(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
+    num_stages: int | None = 2,
     target_programs: int = 528,
 ) -> torch.Tensor:
     """The Triton kernel itself; the caller has checked :func:`kernel_applies`."""
@@ -158,9 +163,10 @@ def run_kernel(
     rows_pad = max(16, triton.next_power_of_2(rows))
     scale = dim**-0.5 if scale is None else scale
     if block_n is None:
-        # Tiles of keys and values must fit in shared memory: 128 keys of bf16 x 128 do, fp32 needs 64.
+        # Tiles of 64 keys and values of bf16 x 128, two pipeline stages: small enough in shared
+        # memory for several programs per SM (results/issue5: timed in a CUDA graph over 32 layers).
         row_bytes = max(dim, dim_v) * query.element_size()
-        block_n = 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
+        block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
     # Rows ordered (group member, new token) so that row r's token is r % q_len.
     q = query.reshape(batch, heads, groups, q_len, dim).reshape(batch, heads, rows, dim)
     if splits is None:
@@ -182,11 +188,13 @@ def run_kernel(
         *q.stride(), *key.stride(), *value.stride(), *bias_strides,
         n, q_len, rows, heads, split_len, scale,
         HAS_BIAS=log_counts is not None, PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ROWS=rows_pad, BLOCK_N=block_n, D=dim, DV=dim_v,
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    out = torch.empty(batch * heads, rows, dim_v, **f32)
+    # Laid out [batch, tokens, heads, dim] (what transformers wants after attention), returned as
+    # the [batch, heads, tokens, dim] view: its .transpose(1, 2).contiguous() is then free.
+    out = torch.empty(batch, q_len, hq, dim_v, device=query.device, dtype=query.dtype).transpose(1, 2)
     _combine_kernel[(batch * heads, rows)](
-        m_out, l_out, acc_out, out, splits, rows, ROWS=rows_pad, SPLITS=triton.next_power_of_2(splits), DV=dim_v
+        m_out, l_out, acc_out, out, splits, heads, groups, q_len, out.stride(0), out.stride(1), out.stride(2),
+        ROWS=rows_pad, SPLITS=triton.next_power_of_2(splits), DV=dim_v,
     )
-    out = out.view(batch, heads, groups, q_len, dim_v).reshape(batch, hq, q_len, dim_v)
-    return out.to(query.dtype)
+    return out
