@@ -261,40 +261,43 @@ def test_fuse_layers_refuses_a_model_without_decoder_layers():
         fuse_layers(model)
 
 
+class _Tokenizer:
+    """What generate() needs of a tokenizer, for models with random weights."""
+
+    pad_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["chelsea", "h2o"])
-def test_generate_through_the_graph_decoder_gives_model_generate_tokens(tiny_model_dir, device, method):
+def test_generate_through_the_graph_decoder_gives_model_generate_tokens(device, method):
     """`generate` with pinned, graph-replayed steps (eager on the CPU) against `model.generate`:
     the same tokens and cache statistics, through clusterings (compress_every 8, 40 new tokens)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from chelsea.config import CompressionConfig
     from chelsea.generation import _generate_graphed, generate, make_cache
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()
+    model = tiny("llama").to(device)
     model.generation_config.eos_token_id = None  # a random model: run all 40 steps
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     inputs = {"input_ids": torch.randint(0, 200, (1, 120), generator=torch.Generator().manual_seed(6))}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     config = CompressionConfig(ratio=0.6, chunk_size=8, window=8, sink_tokens=2, compress_every=8)
-    want = generate(model, tokenizer, inputs, method=method, config=config, max_new_tokens=40, cuda_graph=False)
+    want = generate(model, _Tokenizer(), inputs, method=method, config=config, max_new_tokens=40, cuda_graph=False)
     graphed = {k: v.to(device) for k, v in inputs.items()}
-    got = _generate_graphed(model, tokenizer, graphed, method, make_cache(method, config), 40)
+    got = _generate_graphed(model, _Tokenizer(), graphed, method, make_cache(method, config), 40)
     assert got.tokens == want.tokens and len(got.tokens) == 40
     for field in ("tokens_seen", "kv_entries", "kv_bytes", "compressed"):
         assert getattr(got, field) == getattr(want, field), field
     if device == "cuda":
-        auto = generate(model, tokenizer, inputs, method=method, config=config, max_new_tokens=40)
+        auto = generate(model, _Tokenizer(), inputs, method=method, config=config, max_new_tokens=40)
         assert auto.tokens == want.tokens
 
 
-def test_generate_refuses_cuda_graphs_off_cuda(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_generate_refuses_cuda_graphs_off_cuda():
     from chelsea.generation import generate
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny("llama")
     inputs = {"input_ids": torch.randint(0, 200, (1, 20))}
     with pytest.raises(ChelseaError, match="--no-cuda-graphs"):
-        generate(model, tokenizer, inputs, method="chelsea", cuda_graph=True)
+        generate(model, _Tokenizer(), inputs, method="chelsea", cuda_graph=True)

@@ -16,6 +16,9 @@ changes between steps, so the cache layers are *pinned* (:meth:`chelsea.cache.Cl
 When a layer fills its headroom the buffers are re-pinned larger and the step recorded again.
 With ``cuda_graph=False`` (always on the CPU) the same pinned step runs eagerly, which is how the
 CPU tests check the pinned path against ordinary decoding.
+
+What remains of a replayed step is mostly the weights' matrix products, the attention kernel and
+many tiny element-wise kernels; :func:`fuse_layers` compiles the decoder layers so the latter fuse.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def fuse_layers(model) -> int:
     # Each layer's attention passes its own layer index to the cache, so every layer can need
     # its own graphs; the default limit (8 per function) would leave the rest eager.
     limit = 4 * len(layers) + 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * limit)
+    settings = torch._dynamo.config
+    for names, value in ((("recompile_limit", "cache_size_limit"), limit),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * limit)):
+        name = next(n for n in names if hasattr(settings, n))  # renamed in PyTorch 2.6
+        setattr(settings, name, max(getattr(settings, name), value))
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
