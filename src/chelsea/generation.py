@@ -166,10 +166,7 @@ def generate(
     use_method(model, method)
     device = model.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    if cuda_graph is None:
-        cuda_graph = _one_cuda_device(model)
-    elif cuda_graph and not _one_cuda_device(model):
-        raise ChelseaError("--cuda-graphs needs the model on one CUDA device (no tensor parallelism or --device-map); use --no-cuda-graphs")
+    cuda_graph = _use_cuda_graph(model, cuda_graph)
     if cuda_graph and method in COMPRESSORS and _plain_greedy(model.generation_config):
         return _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens)
     clock = _FirstTokenClock(device)
@@ -211,11 +208,16 @@ def _result(tokenizer, method, cache, prompt_tokens, new, prefill_s, decode_s) -
     )
 
 
-def _one_cuda_device(model) -> bool:
+def _use_cuda_graph(model, requested: bool | None) -> bool:
+    """Whether to replay decoding steps from CUDA graphs: ``requested``, or by default when the
+    model sits on one CUDA device (no tensor parallelism, not spread by a device map)."""
     from .models import world_size
 
     devices = set(getattr(model, "hf_device_map", {"": model.device}).values())
-    return model.device.type == "cuda" and world_size() == 1 and len(devices) == 1
+    one_device = model.device.type == "cuda" and world_size() == 1 and len(devices) == 1
+    if requested and not one_device:
+        raise ChelseaError("--cuda-graphs needs the model on one CUDA device (no tensor parallelism or --device-map); use --no-cuda-graphs")
+    return one_device if requested is None else requested
 
 
 def _plain_greedy(generation_config) -> bool:
