@@ -86,3 +86,80 @@ def test_slot_write_equals_index_copy(device, zeroed, dim, dim_v):
     write_slot(slot, key, value, *bufs, *stats)
     for got, expected in zip(bufs + stats, want, strict=True):
         assert torch.equal(got, expected)
+
+
+# Chelsea's merge step: the two chunk-local kernels against the PyTorch functions ---------------
+
+from chelsea.kernels import soft_matching  # noqa: E402
+from chelsea.methods.chelsea import _a_positions, _best_edges, _merge_edges, chunked_soft_matching, max_removable  # noqa: E402
+
+MERGE_SHAPES = [(1, 8, 4096, 128, 32), (2, 3, 1000, 64, 16), (1, 2, 77, 64, 64), (3, 2, 517, 96, 32), (1, 1, 31, 128, 32)]
+
+
+def _region(batch, heads, length, dim, dtype, seed=0):
+    """Keys and values as strided slices of larger buffers (like a cache's region), log-counts of 1-4 tokens."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    keys = torch.randn(batch, heads, length + 40, dim, generator=g, device="cuda").to(dtype)[:, :, 7 : 7 + length]
+    values = torch.randn(batch, heads, length + 40, dim, generator=g, device="cuda").to(dtype)[:, :, 3 : 3 + length]
+    counts = torch.randint(1, 5, (batch, heads, length), generator=g, device="cuda").float()
+    return keys, values, counts.log()
+
+
+def test_merge_kernels_do_not_apply_on_the_cpu():
+    keys = torch.zeros(1, 1, 64, 64)
+    assert not soft_matching.kernel_applies(keys, keys, keys[..., 0], 32)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,heads,length,dim,chunk", MERGE_SHAPES)
+def test_best_edges_kernel_matches_pytorch(dtype, batch, heads, length, dim, chunk):
+    keys, values, log_counts = _region(batch, heads, length, dim, dtype)
+    assert soft_matching.kernel_applies(keys, values, log_counts, chunk)
+    sims, pos = soft_matching.best_edges(keys, chunk)
+    ref_sims, ref_pos = _best_edges(keys, chunk)
+    assert sims.shape == ref_sims.shape == (batch, heads, max_removable(length, chunk))
+    torch.testing.assert_close(sims, ref_sims, rtol=0, atol=1e-5)
+    # Where the two picked different B entries, both are equally similar (a near tie).
+    unit = torch.nn.functional.normalize(keys.double(), dim=-1)
+    a = _a_positions(length, chunk, keys.device).expand(batch, heads, -1)
+    pick = lambda p: (unit.gather(2, a[..., None].expand(-1, -1, -1, dim)) * unit.gather(2, p[..., None].expand(-1, -1, -1, dim))).sum(-1)  # noqa: E731
+    assert (pick(pos) - pick(ref_pos)).abs().max() < 1e-5
+    assert ((pos // chunk) == (a // chunk)).all()  # every match stays in its chunk
+    assert (pos % chunk % 2 == 0).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch,heads,length,dim,chunk", MERGE_SHAPES)
+def test_merge_kernel_matches_pytorch(dtype, tol, batch, heads, length, dim, chunk):
+    keys, values, log_counts = _region(batch, heads, length, dim, dtype, seed=1)
+    sims, pos = _best_edges(keys, chunk)
+    chosen = sims.topk(max(1, sims.shape[-1] * 2 // 3), dim=-1).indices
+    src = _a_positions(length, chunk, keys.device)[chosen]
+    dst = pos.gather(-1, chosen)
+    out = soft_matching.merge_chosen(keys, values, log_counts, pos, chosen, chunk)
+    ref = _merge_edges(keys, values, log_counts, src, dst)
+    for got, want in zip(out, ref):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    # Entries nothing merged into are copied bit for bit, counts add up to the tokens.
+    keep = torch.ones_like(log_counts, dtype=torch.bool).scatter_(-1, src, False)
+    untouched = keep & ~torch.zeros_like(keep).scatter_(-1, dst, True)
+    place = keep.long().cumsum(-1) - 1
+    for b in range(batch):
+        for h in range(heads):
+            rows = place[b, h][untouched[b, h]]
+            assert torch.equal(out[0][b, h, rows], keys[b, h, untouched[b, h]])
+            assert torch.equal(out[1][b, h, rows], values[b, h, untouched[b, h]])
+    torch.testing.assert_close(out[2].exp().sum(-1), log_counts.exp().sum(-1))
+
+
+@cuda
+def test_chunked_soft_matching_on_cuda_keeps_its_contract():
+    keys, values, log_counts = _region(2, 4, 3000, 128, torch.bfloat16, seed=2)
+    log_counts = torch.zeros_like(log_counts)
+    k, v, lc = chunked_soft_matching(keys, values, log_counts, 2400, sink_tokens=4, window=64)
+    assert k.shape == (2, 4, 600, 128) and v.shape == k.shape and lc.shape == (2, 4, 600)
+    torch.testing.assert_close(lc.exp().sum(-1), torch.full((2, 4), 3000.0, device="cuda"))
+    assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(v[:, :, -64:], values[:, :, -64:])

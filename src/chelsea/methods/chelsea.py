@@ -38,6 +38,8 @@ import math
 
 import torch
 
+from ..kernels import soft_matching as soft_matching_kernels
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -49,15 +51,85 @@ def max_removable(region_len: int, chunk_size: int) -> int:
     return full * (chunk_size // 2) + rest // 2
 
 
-def _best_edges(unit: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For unit keys ``[batch, heads, n, d]`` with ``n`` a multiple of ``chunk_size``: every A entry's
-    best similarity to a B entry of its chunk and that B entry's position, ``[batch, heads, n // 2]``."""
-    batch, heads, n, _ = unit.shape
-    chunks = unit.unflatten(2, (n // chunk_size, chunk_size))
-    sim = chunks[..., 1::2, :] @ chunks[..., 0::2, :].transpose(-1, -2)  # [batch, heads, chunks, |A|, |B|]
-    best_sim, best_b = sim.max(dim=-1)
-    start = torch.arange(0, n, chunk_size, device=unit.device)[:, None]
-    return best_sim.flatten(2), (start + 2 * best_b).flatten(2)
+def _best_edges(keys: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every A entry's best cosine similarity to a B entry of its chunk and that B entry's position,
+    ``[batch, heads, A entries]`` in sequence order; a trailing partial chunk has its own A/B split."""
+    batch, heads, length, _ = keys.shape
+    unit = keys.to(_compute_dtype(keys.dtype), copy=True)
+    unit /= torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(1e-12)
+    sims, b_pos = [], []
+    body = length // chunk_size * chunk_size
+    for start, end, size in ((0, body, chunk_size), (body, length, length - body)):
+        if end - start < 2:
+            continue
+        chunks = unit[:, :, start:end].unflatten(2, ((end - start) // size, size))
+        sim = chunks[..., 1::2, :] @ chunks[..., 0::2, :].transpose(-1, -2)  # [batch, heads, chunks, |A|, |B|]
+        best_sim, best_b = sim.max(dim=-1)
+        first = torch.arange(start, end, size, device=keys.device)[:, None]
+        sims.append(best_sim.flatten(2))
+        b_pos.append((first + 2 * best_b).flatten(2))
+    if not sims:
+        return unit.new_empty(batch, heads, 0), torch.zeros(batch, heads, 0, dtype=torch.long, device=keys.device)
+    return torch.cat(sims, -1), torch.cat(b_pos, -1)
+
+
+def _a_positions(length: int, chunk_size: int, device: torch.device) -> torch.Tensor:
+    """Positions of the A entries (odd offsets in each chunk, a trailing partial chunk included)
+    in sequence order."""
+    a = torch.arange(max_removable(length, chunk_size), device=device)
+    return a // (chunk_size // 2) * chunk_size + a % (chunk_size // 2) * 2 + 1
+
+
+def _merge_edges(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_counts: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge every A entry ``src`` ``[batch, heads, r]`` into its B entry ``dst``: each B entry and
+    the A entries pointing at it become one count-weighted centroid at B's place. Returns the
+    ``length - r`` entries left, in order."""
+    batch, heads, length, _ = keys.shape
+    work = _compute_dtype(keys.dtype)
+    device = keys.device
+    # Group the edges by their B entry (one centroid per B): number the B entries that receive
+    # edges in sequence order. A cumulative sum over the region, no sort, no host sync.
+    is_dst = torch.zeros(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, dst, True)
+    group = (is_dst.long().cumsum(-1) - 1).gather(-1, dst)
+
+    weight = log_counts.to(work).exp()
+    w_src, w_dst = weight.gather(-1, src), weight.gather(-1, dst)
+    total = torch.zeros_like(w_src).scatter_add_(-1, group, w_src)
+    total = total.gather(-1, group) + w_dst  # per edge: its centroid's count
+
+    def centroids(x: torch.Tensor) -> torch.Tensor:
+        """The merged rows, one per edge (edges into one B entry get the same row)."""
+        gather = lambda pos: x.gather(2, pos[..., None].expand(-1, -1, -1, x.shape[-1])).to(work)  # noqa: E731
+        idx = group[..., None].expand(-1, -1, -1, x.shape[-1])
+        acc = torch.zeros(*group.shape, x.shape[-1], dtype=work, device=device)
+        acc.scatter_add_(2, idx, gather(src) * w_src[..., None])
+        return (acc.gather(2, idx) + gather(dst) * w_dst[..., None]) / total[..., None]
+
+    new_keys, new_values = centroids(keys), centroids(values)
+
+    # Kept entries in order (each to its rank among the kept; removed ones to a spill slot);
+    # the centroids then overwrite their B entries' new places.
+    keep = torch.ones(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, src, False)
+    rank = keep.long().cumsum(-1) - 1
+    out_len = length - src.shape[-1]
+    kept = torch.empty(batch, heads, out_len + 1, dtype=torch.long, device=device)
+    kept.scatter_(-1, torch.where(keep, rank, out_len), torch.arange(length, device=device).expand(batch, heads, -1))
+    kept = kept[..., :out_len]
+    new_place = rank.gather(-1, dst)
+
+    def compact(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return x.gather(-1, kept).scatter_(-1, new_place, rows.to(x.dtype))
+        out = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
+        return out.scatter_(2, new_place[..., None].expand(-1, -1, -1, x.shape[-1]), rows.to(x.dtype))
+
+    return compact(keys, new_keys), compact(values, new_values), compact(log_counts, total.log())
 
 
 def soft_matching_step(
@@ -72,76 +144,24 @@ def soft_matching_step(
     ``n_remove`` must be at most :func:`max_removable` of the region length. Returns the region
     with ``seq - n_remove`` entries, in the original order.
 
-    The work is one float32 pass over the keys for the similarities, small tensors for the
-    ``n_remove`` merges, and one gather of the kept entries; no sort and no host sync.
+    No sort and no host sync. On CUDA the chunk-local parts (best edges, centroids and compaction)
+    run as two Triton kernels (:mod:`chelsea.kernels.soft_matching`); elsewhere as PyTorch ops:
+    one float32 pass over the keys for the similarities, small tensors for the ``n_remove``
+    merges, one gather of the kept entries.
     """
-    batch, heads, length, _ = keys.shape
+    length = keys.shape[2]
     if n_remove <= 0:
         return keys, values, log_counts
     if n_remove > max_removable(length, chunk_size):
         raise ValueError(f"one step cannot remove {n_remove} of {length} entries with chunks of {chunk_size}")
-    work = _compute_dtype(keys.dtype)
-    device = keys.device
-
-    unit = keys.to(work, copy=True)
-    unit /= torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(1e-12)
-    body = length // chunk_size * chunk_size
-    if body:
-        sims, b_pos = _best_edges(unit[:, :, :body], chunk_size)
-    else:
-        sims, b_pos = unit.new_empty(batch, heads, 0), torch.zeros(1, 1, 0, dtype=torch.long, device=device)
-    a_pos = (torch.arange(0, body, chunk_size, device=device)[:, None] + torch.arange(1, chunk_size, 2, device=device)).flatten()
-    if body < length:  # the trailing partial chunk: its own A/B split, padding never matched
-        tail = unit[:, :, body:]
-        real = torch.arange(length - body, device=device)
-        sim = tail[..., 1::2, :] @ tail[..., 0::2, :].transpose(-1, -2)  # [batch, heads, |A|, |B|]
-        tail_sim, tail_b = sim.max(dim=-1)
-        sims = torch.cat([sims, tail_sim], dim=-1)
-        b_pos = torch.cat([b_pos.expand(batch, heads, -1), body + 2 * tail_b], dim=-1)
-        a_pos = torch.cat([a_pos, body + real[1::2]])
-    del unit
-
-    chosen = sims.topk(n_remove, dim=-1).indices  # [batch, heads, r]
-    src = a_pos[chosen]  # A entries that disappear
-    dst = torch.gather(b_pos.expand(batch, heads, -1), -1, chosen)  # the B entries they join
-
-    # Group the chosen edges by their B entry (one centroid per B): number the B entries that
-    # receive edges in sequence order. A cumulative sum over the region, no sort, no host sync.
-    is_dst = torch.zeros(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, dst, True)
-    group = (is_dst.long().cumsum(-1) - 1).gather(-1, dst)
-
-    weight = log_counts.to(work).exp()
-    w_src, w_dst = weight.gather(-1, src), weight.gather(-1, dst)
-    total = torch.zeros_like(w_src).scatter_add_(-1, group, w_src)
-    total = total.gather(-1, group) + w_dst  # per edge: its centroid's count
-
-    def centroids(x: torch.Tensor) -> torch.Tensor:
-        """The merged rows, one per chosen edge (edges into one B entry get the same row)."""
-        gather = lambda pos: x.gather(2, pos[..., None].expand(-1, -1, -1, x.shape[-1])).to(work)  # noqa: E731
-        idx = group[..., None].expand(-1, -1, -1, x.shape[-1])
-        acc = torch.zeros(*group.shape, x.shape[-1], dtype=work, device=device)
-        acc.scatter_add_(2, idx, gather(src) * w_src[..., None])
-        return (acc.gather(2, idx) + gather(dst) * w_dst[..., None]) / total[..., None]
-
-    new_keys, new_values = centroids(keys), centroids(values)
-
-    # Kept entries in order (each to its rank among the kept; removed ones to a spill slot);
-    # the centroids then overwrite their B entries' new places.
-    keep = torch.ones(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, src, False)
-    rank = keep.long().cumsum(-1) - 1
-    out_len = length - n_remove
-    kept = torch.empty(batch, heads, out_len + 1, dtype=torch.long, device=device)
-    kept.scatter_(-1, torch.where(keep, rank, out_len), torch.arange(length, device=device).expand(batch, heads, -1))
-    kept = kept[..., :out_len]
-    new_place = rank.gather(-1, dst)
-
-    def compact(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return x.gather(-1, kept).scatter_(-1, new_place, rows.to(x.dtype))
-        out = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
-        return out.scatter_(2, new_place[..., None].expand(-1, -1, -1, x.shape[-1]), rows.to(x.dtype))
-
-    return compact(keys, new_keys), compact(values, new_values), compact(log_counts, total.log())
+    on_gpu = soft_matching_kernels.kernel_applies(keys, values, log_counts, chunk_size)
+    sims, b_pos = (soft_matching_kernels.best_edges if on_gpu else _best_edges)(keys, chunk_size)
+    chosen = sims.topk(n_remove, dim=-1, sorted=False).indices  # [batch, heads, r]
+    if on_gpu:
+        return soft_matching_kernels.merge_chosen(keys, values, log_counts, b_pos, chosen, chunk_size)
+    src = _a_positions(length, chunk_size, keys.device)[chosen]  # A entries that disappear
+    dst = torch.gather(b_pos, -1, chosen)  # the B entries they join
+    return _merge_edges(keys, values, log_counts, src, dst)
 
 
 def chunked_soft_matching(
