@@ -28,23 +28,9 @@ import torch.nn.functional as F
 
 from chelsea.attention import weighted_attention
 from chelsea.kernels import decode_attention
+from cuda_timing import median_seconds as timed
 
 PRESETS = {"llama3-8b": (32, 8, 128), "mistral-7b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
-
-
-def timed(fn, reps=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / 1000.0
 
 
 def copy_bandwidth() -> float:

@@ -28,39 +28,9 @@ import torch
 from chelsea import chunked_soft_matching
 from chelsea.config import CompressionConfig
 from chelsea.kernels import soft_matching
+from cuda_timing import median_seconds
 
 PRESETS = {"llama3-8b": (32, 8, 128), "mistral-7b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}  # layers, KV heads, dim
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / 1000.0
-
-
-def device_time(fn, reps: int) -> float:
-    """GPU time alone: each call is queued behind a spin of about 0.1 s, so the host has issued
-    all of it before the GPU starts (valid as long as the call never waits for the GPU)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda._sleep(200_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / 1000.0
 
 
 def main() -> None:
@@ -93,8 +63,8 @@ def main() -> None:
                 with mock.patch.object(soft_matching, "kernel_applies", new=lambda *args, _applies=applies: _applies):
                     torch.cuda.reset_peak_memory_stats()
                     try:
-                        peaks[name] = (timed(run, args.reps), torch.cuda.max_memory_allocated() - base,
-                                       device_time(run, max(3, args.reps // 2)))
+                        peaks[name] = (median_seconds(run, args.reps, warmup=3), torch.cuda.max_memory_allocated() - base,
+                                       median_seconds(run, max(3, args.reps // 2), warmup=1, gpu_only=True))
                     except torch.OutOfMemoryError:
                         peaks[name] = (float("nan"), float("nan"), float("nan"))
                         torch.cuda.empty_cache()

@@ -39,7 +39,7 @@ if triton is not None:
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // heads
+        b = (bh // heads).to(tl.int64)  # batch offsets of large caches pass 2**31 elements
         h = bh % heads
         r = tl.arange(0, ROWS)
         d = tl.arange(0, D)
@@ -99,7 +99,7 @@ if triton is not None:
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
         acc = tl.load(Acc_in + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        b = bh // heads
+        b = (bh // heads).to(tl.int64)  # batch offsets of large caches pass 2**31 elements
         hq = (bh % heads) * groups + r // q_len
         tl.store(Out + b * stride_ob + hq * stride_oh + (r % q_len) * stride_ot + dv, out.to(Out.dtype.element_ty))
 

@@ -30,7 +30,7 @@ if triton is not None:
         ZEROED: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     ):
         bh = tl.program_id(0)
-        b = bh // heads
+        b = (bh // heads).to(tl.int64)  # batch offsets of large caches pass 2**31 elements
         h = bh % heads
         slot = tl.load(Slot)
         d = tl.arange(0, D)

@@ -44,6 +44,22 @@ if triton is not None:
         names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
         return triton.jit(fn, do_not_specialize=[n for n in names if n in _VARYING])
 
+    @triton.jit
+    def _chunk(heads, length, C: tl.constexpr):
+        """This program's chunk, batch row and head, its entries' offsets, positions and validity."""
+        chunk = tl.program_id(0)
+        bh = tl.program_id(1)
+        i = tl.arange(0, C)
+        pos = chunk * C + i
+        return chunk, (bh // heads).to(tl.int64), bh % heads, i, pos, pos < length  # int64: large offsets
+
+    @triton.jit
+    def _rows(X, base, pos, ok, stride_n, stride_d, dim, D: tl.constexpr):
+        """Entries ``pos`` of one (row, head) of ``X`` as float32 ``[len(pos), D]``, 0 where masked."""
+        d = tl.arange(0, D)
+        return tl.load(X + base + pos[:, None] * stride_n + d[None, :] * stride_d,
+                       mask=ok[:, None] & (d[None, :] < dim), other=0.0).to(tl.float32)
+
     @_jit
     def _best_edges_kernel(
         K, Sim, Pos,
@@ -51,17 +67,8 @@ if triton is not None:
         heads, length, dim,
         C: tl.constexpr, D: tl.constexpr,
     ):
-        chunk = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // heads
-        h = bh % heads
-        i = tl.arange(0, C)
-        pos = chunk * C + i
-        ok = pos < length
-        d = tl.arange(0, D)
-        x = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kn + d[None, :] * stride_kd,
-                    mask=ok[:, None] & (d[None, :] < dim), other=0.0)
-        xf = x.to(tl.float32)
+        chunk, b, h, i, pos, ok = _chunk(heads, length, C)
+        xf = _rows(K, b * stride_kb + h * stride_kh, pos, ok, stride_kn, stride_kd, dim, D)
         norm = tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
         s = tl.dot(xf, tl.trans(xf), input_precision="ieee") / (norm[:, None] * norm[None, :])
         s = tl.where(((i % 2 == 0) & ok)[None, :], s, float("-inf"))  # columns: the chunk's B entries
@@ -77,7 +84,7 @@ if triton is not None:
                         C: tl.constexpr, BLOCK: tl.constexpr):
         """Where each chunk's first kept entry goes: chunk * C minus the entries removed before it."""
         bh = tl.program_id(0)
-        b = bh // heads
+        b = (bh // heads).to(tl.int64)  # batch offsets of large caches pass 2**31 elements
         h = bh % heads
         carry = tl.full([], 0, tl.int32)
         for start in range(0, chunks, BLOCK):
@@ -102,13 +109,7 @@ if triton is not None:
         heads, length, dim, dim_v,
         C: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     ):
-        chunk = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // heads
-        h = bh % heads
-        i = tl.arange(0, C)
-        pos = chunk * C + i
-        ok = pos < length
+        chunk, b, h, i, pos, ok = _chunk(heads, length, C)
         # An A entry (odd offset) that was chosen joins its best B entry; every other entry stays.
         is_a = (i % 2 == 1) & ok
         slot = chunk * (C // 2) + i // 2
@@ -124,15 +125,13 @@ if triton is not None:
         dest = tl.load(Off + b * stride_ob + h * stride_oh + chunk) + tl.cumsum(kept.to(tl.int32), 0) - 1
 
         d = tl.arange(0, D)
-        x = tl.load(K + b * stride_kb + h * stride_kh + pos[:, None] * stride_kn + d[None, :] * stride_kd,
-                    mask=ok[:, None] & (d[None, :] < dim), other=0.0).to(tl.float32)
+        x = _rows(K, b * stride_kb + h * stride_kh, pos, ok, stride_kn, stride_kd, dim, D)
         y = tl.where(merged[:, None], tl.dot(weights, x, input_precision="ieee") / total[:, None], x)
         tl.store(K_out + b * stride_kob + h * stride_koh + dest[:, None] * stride_kon + d[None, :] * stride_kod,
                  y.to(K_out.dtype.element_ty), mask=kept[:, None] & (d[None, :] < dim))
 
         dv = tl.arange(0, DV)
-        x = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vn + dv[None, :] * stride_vd,
-                    mask=ok[:, None] & (dv[None, :] < dim_v), other=0.0).to(tl.float32)
+        x = _rows(V, b * stride_vb + h * stride_vh, pos, ok, stride_vn, stride_vd, dim_v, DV)
         y = tl.where(merged[:, None], tl.dot(weights, x, input_precision="ieee") / total[:, None], x)
         tl.store(V_out + b * stride_vob + h * stride_voh + dest[:, None] * stride_von + dv[None, :] * stride_vod,
                  y.to(V_out.dtype.element_ty), mask=kept[:, None] & (dv[None, :] < dim_v))
