@@ -17,6 +17,7 @@ In PyTorch the same step is about sixty launches with float32 copies of the regi
 scatters; here it is three kernels and a few small ops, reading the keys (and values) once and
 writing the output once. At batch 1 the step is bound by the host's launches, so their number
 matters as much as the bytes.
+
 Entries that nothing merged into are copied exactly. On the CPU, or where :func:`kernel_applies`
 says no, the PyTorch functions in :mod:`chelsea.methods.chelsea` run; the kernels give their results
 up to float32 rounding (tested on the GPU machine).

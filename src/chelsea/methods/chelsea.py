@@ -145,7 +145,7 @@ def soft_matching_step(
     with ``seq - n_remove`` entries, in the original order.
 
     No sort and no host sync. On CUDA the chunk-local parts (best edges, centroids and compaction)
-    run as two Triton kernels (:mod:`chelsea.kernels.soft_matching`); elsewhere as PyTorch ops:
+    run as Triton kernels (:mod:`chelsea.kernels.soft_matching`); elsewhere as PyTorch ops:
     one float32 pass over the keys for the similarities, small tensors for the ``n_remove``
     merges, one gather of the kept entries.
     """
