@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import chelsea
 from chelsea.bench import load_bench_model
+from chelsea.compat import cache_arg
 from chelsea.config import CompressionConfig
 from chelsea.decoding import GraphDecoder
 
@@ -55,7 +56,7 @@ def main() -> None:
     cache = chelsea.ClusteredCache(CompressionConfig(ratio=ratio, compress_every=args.compress_every))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
     with torch.inference_mode():
-        token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        token = model(ids, **cache_arg(model, cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
         decoder = GraphDecoder(model, cache, token, headroom=args.steps + 16)
         for _ in range(8):
             decoder.step()

@@ -72,6 +72,23 @@ def test_unknown_method_and_missing_file(tiny_model_dir, prompt_file, tmp_path):
     assert out.returncode == 2 and "--prompt-file" in out.stderr
 
 
+@pytest.mark.parametrize("method", ["guided", "kvzip"])
+def test_generate_with_importance_methods(tiny_model_dir, prompt_file, method):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "-q", "What jumps?", "--method", method,
+                      "--ratio", "0.8", "--window", "16", "--max-new-tokens", "4", "--json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["method"] == method and row["compressed"] is True
+    assert row["kv_bytes"] < 0.3 * row["kv_bytes_full"]
+    assert "FutureWarning" not in out.stderr
+
+
+def test_bad_importance_settings_get_one_line(tiny_model_dir, prompt_file):
+    for flag, value in (("--importance", "psychic"), ("--exact-share", "1.5"), ("--merge", "blend")):
+        out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--method", "guided", flag, value)
+        assert out.returncode == 2 and "Traceback" not in out.stderr and flag.strip("-").replace("-", "_") in out.stderr
+
+
 def test_generate_with_clustergen(tiny_model_dir, prompt_file):
     out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--method", "clustergen",
                       "--window", "16", "--value-samples", "32", "--max-new-tokens", "3", "--json", "--no-chat-template")

@@ -44,6 +44,22 @@ def test_eval_writes_results_resumes_and_summarises(tiny_model_dir, tmp_path):
     assert report.returncode == 0
 
 
+def test_eval_agnostic_placement_with_importance_methods(tiny_model_dir, tmp_path):
+    out = tmp_path / "agnostic"
+    run = chelsea_cli("eval", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "multikey",
+                      "--methods", "full,guided,kvzip,snapkv", "--ratios", "0.8", "--lengths", "400", "--samples", "2",
+                      "--batch-size", "2", "--window", "16", "--placements", "agnostic,after", "--device", "cpu",
+                      "--no-plots", timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 * 2 and {r["placement"] for r in rows} == {"agnostic", "after"}
+    for r in rows:
+        if r["method"] != "full":  # compressed to about a fifth, uneven layers included
+            assert 0.15 < r["kv_fraction"] < 0.3
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs[-1]["knobs"]["importance"] == "local" and runs[-1]["knobs"]["surprise_weight"] == 0.3
+
+
 def test_eval_rejects_bad_grids(tiny_model_dir, tmp_path):
     for flag, value in (("--tasks", "magic"), ("--methods", "magic"), ("--ratios", "1.2"), ("--placements", "middle"),
                         ("--lengths", "10")):

@@ -33,7 +33,7 @@ def test_exact_length_and_answers_in_the_prompt(builder, tokenizer, task, placem
         question_at = text.index(s.meta["question"])
         # the question sits after all the facts, or before all of them
         fact_positions = [text.index(a) for a in s.answers]
-        if placement == "after":
+        if placement in ("after", "agnostic"):
             assert question_at > max(fact_positions)
         elif task != "cwe":  # cwe's question names no answer; for the others the prompt must not end by naming a key
             assert question_at < min(fact_positions)
@@ -59,6 +59,16 @@ def test_needle_depths_cycle_and_place_the_fact(builder, tokenizer):
         text = tokenizer.decode(s.input_ids)
         positions.append(text.index(s.answers[0]) / len(text))
     assert positions == sorted(positions) and positions[-1] - positions[0] > 0.6
+
+
+@pytest.mark.parametrize("task", ["needle", "multivalue", "vartrack", "cwe"])
+def test_agnostic_is_the_after_prompt_cut_where_the_context_ends(builder, tokenizer, task):
+    after, agnostic = builder.sample(task, 900, "after", 1), builder.sample(task, 900, "agnostic", 1)
+    assert agnostic.input_ids == after.input_ids and after.context_end is None
+    context = tokenizer.decode(agnostic.input_ids[: agnostic.context_end])
+    rest = tokenizer.decode(agnostic.input_ids[agnostic.context_end :])
+    assert all(a in context for a in agnostic.answers) and not any(a in rest for a in agnostic.answers)
+    assert agnostic.meta["question"] in rest and agnostic.meta["question"] not in context
 
 
 def test_before_placement_ends_without_the_key(builder, tokenizer):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_arg
 from .errors import ChelseaError
 from .generation import use_method
 from .prompts import find_haystack, haystack_text
@@ -46,7 +47,7 @@ def layer_keys(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     use_method(model, "full")
     cache = DynamicCache()
     with torch.inference_mode():
-        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids.to(model.device), **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
     return [layer.keys[0].float() for layer in cache.layers]
 
 

@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 import torch
 
 from .config import CompressionConfig
+from .compat import cache_arg
 from .errors import ChelseaError
 from .generation import _sync, cache_stats, make_cache
 from .generation import prefill as prefill_cache
@@ -144,7 +145,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         else:
             def step():
                 nonlocal token
-                token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                token = model(token, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
         for _ in range(WARMUP_STEPS):  # not timed; the CUDA graph is recorded here
             step()
         _sync(device)

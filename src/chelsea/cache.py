@@ -22,7 +22,9 @@ bookkeeping (``advance``) runs outside the captured step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -31,8 +33,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import weighted_attention
 from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
+from .importance import OBSERVATION_WINDOW, Reconstruction
 from .kernels import write_slot
 from .methods._attention_scores import attention_mass
+from .methods._budgets import layer_shares
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
 
@@ -76,6 +80,7 @@ class _CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = False
         self.compressions = 0
         self.slot: torch.Tensor | None = None  # device index of the next write, while pinned
+        self.hold = False  # the cache holds clustering back (prefill before a reconstruction pass)
 
     @property
     def pinned(self) -> bool:
@@ -227,9 +232,13 @@ class ClusteredLayer(_CompressedLayer):
         self.since_compression = 0
         self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
-        # Attention-ranked methods (H2O, SnapKV) need the attention each entry has received.
-        self.scored = bool(getattr(compressor, "uses_attention", False))
-        self.observation_window = getattr(compressor, "observation_window", None)
+        # Attention-ranked methods (H2O, SnapKV) need the attention each entry has received;
+        # importance-ranked ones (kvzip, guided) a score per entry from chelsea.importance.
+        self.importance = bool(getattr(compressor, "uses_importance", False))
+        self.scored = self.importance or bool(getattr(compressor, "uses_attention", False))
+        self.observation_window = OBSERVATION_WINDOW if self.importance else getattr(compressor, "observation_window", None)
+        self.reconstruction: Reconstruction | None = None  # set during a context-reconstruction forward
+        self.share = 1.0  # this layer's budget beyond sinks and window, relative to an even split
         if self.scored:
             self._buffers = (*ClusteredLayer._buffers, "_score_buf")
 
@@ -245,7 +254,8 @@ class ClusteredLayer(_CompressedLayer):
 
     @property
     def scores(self):
-        """Attention received per entry (attention-ranked methods only), ``[batch, kv_heads, entries]``."""
+        """Attention received (attention-ranked methods) or importance (importance-ranked ones)
+        per entry, ``[batch, kv_heads, entries]``; ``None`` for the other methods."""
         return None if not (self.is_initialized and self.scored) else self._score_buf[:, :, : self.length]
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -261,8 +271,15 @@ class ClusteredLayer(_CompressedLayer):
             return self._attend_pinned(query, key, value, new_valid, scale)
         if new_valid is not None:
             self.mark_padding(new_valid)
+        if self.reconstruction is not None:
+            self.awaiting_attention = False
+            return self.reconstruction.attend(query, key, value, self.attention_log_counts(), scale, self.scores)
         out = weighted_attention(query, key, value, self.attention_log_counts(), scale=scale)
-        if self.scored:
+        if self.importance:
+            if self.new_tokens > 1:  # the new entries' first score; decoded tokens start at 0
+                mass = attention_mass(query, key, self.attention_log_counts(), scale=scale, last=self.observation_window)
+                self.scores[:, :, -self.new_tokens :] = mass[:, :, -self.new_tokens :]
+        elif self.scored:
             last = self.observation_window if self.new_tokens > 1 else None
             self.scores.add_(attention_mass(query, key, self.attention_log_counts(), scale=scale, last=last))
         self.after_attention()
@@ -273,7 +290,7 @@ class ClusteredLayer(_CompressedLayer):
             raise ChelseaError("a pinned cache layer decodes without an attention mask; padding is kept from the prefill")
         counts = self._count_buf
         out = weighted_attention(query, key, value, counts, scale=scale)
-        if self.scored:
+        if self.scored and not self.importance:
             self._score_buf.add_(attention_mass(query, key, counts, scale=scale))
         self.awaiting_attention = False
         return out
@@ -315,7 +332,7 @@ class ClusteredLayer(_CompressedLayer):
 
     @property
     def compression_due(self) -> bool:
-        return self.new_tokens > 1 or self.since_compression >= self.config.compress_every
+        return not self.hold and (self.new_tokens > 1 or self.since_compression >= self.config.compress_every)
 
     def repin(self, before: int) -> None:
         """Pinned, after a clustering shrank the layer from ``before`` entries: hide the freed
@@ -393,6 +410,15 @@ class ClusteredLayer(_CompressedLayer):
 
     # Clustering ------------------------------------------------------------------------------
 
+    def budget(self, tokens: int) -> int:
+        """Entries this layer keeps after ``tokens`` tokens: the config's budget, its part
+        beyond sinks and window scaled by ``share`` (uneven layer budgets)."""
+        base = self.config.budget(tokens)
+        if self.share == 1.0:
+            return base
+        protected = self.config.sink_tokens + self.config.window
+        return min(tokens, protected + math.ceil(max(0, base - protected) * self.share))
+
     def tokens_per_row(self) -> list[int]:
         """Real tokens seen by each batch row: tokens seen minus the row's padding.
 
@@ -426,6 +452,8 @@ class ClusteredLayer(_CompressedLayer):
         cfg = self.config
         keys, values, log_counts, *scores = entries
         extra = {"scores": scores[0]} if self.scored else {}
+        if self.importance:
+            extra.update(self.config.guided_options())
         return self.compressor(
             keys,
             values,
@@ -455,7 +483,7 @@ class ClusteredLayer(_CompressedLayer):
         for b in range(self.keys.shape[0]):
             idx = valid[b].nonzero().squeeze(-1)
             row = tuple(t[b : b + 1].index_select(2, idx) for t in entries)
-            n_remove = row[0].shape[2] - self.config.budget(tokens[b])
+            n_remove = row[0].shape[2] - self.budget(tokens[b])
             if n_remove > 0:
                 before = row[0].shape[2]
                 row = self._run(row, n_remove)
@@ -515,7 +543,7 @@ def compress_together(layers: list[ClusteredLayer]) -> None:
         if layer.has_padding:
             layer._compress_padded()
             continue
-        n_remove = layer.length - layer.config.budget(layer.seen)
+        n_remove = layer.length - layer.budget(layer.seen)
         if n_remove <= 0:
             layer.skipped_compressions += 1
             continue
@@ -626,6 +654,7 @@ class ClusteredCache(Cache):
             raise ChelseaError(f"pass either a config or keyword settings, not both (got {sorted(knobs)})")
         self.config = config if config is not None else CompressionConfig(**knobs)
         self.compressor = compressor
+        self._hold = False
         if isinstance(self.config, ClusterGenConfig):
             layer = partial(ClusterGenLayer, self.config)
         else:
@@ -636,7 +665,43 @@ class ClusteredCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``Cache.update``, kept out of ``torch.compile`` graphs: the layers keep Python-side
         counters and cluster on the host, which a traced graph would freeze."""
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.layers[layer_idx].hold = self._hold
+        return out
+
+    @property
+    def scores_importance(self) -> bool:
+        """Whether the method ranks entries by importance scores (``kvzip``, ``guided``)."""
+        return bool(getattr(self.compressor, "uses_importance", False)) and not isinstance(self.config, ClusterGenConfig)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold clustering back (a prefill to be scored first); :meth:`compress_all` then compresses."""
+        self._hold = True
+        for layer in self.layers:
+            layer.hold = True
+        try:
+            yield
+        finally:
+            self._hold = False
+            for layer in self.layers:
+                layer.hold = False
+
+    def compress_all(self) -> None:
+        """Compress every layer to its budget now. Importance-ranked methods first split the budget
+        unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers or isinstance(self.config, ClusterGenConfig):
+            return
+        if self.scores_importance and len(layers) > 1 and not any(layer.has_padding for layer in layers):
+            cfg = self.config
+            seen = layers[0].seen
+            keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
+            if keep > 0 and all(layer.length == seen for layer in layers):
+                regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in layers]
+                for layer, share in zip(layers, layer_shares(regions, keep, cfg.layer_floor)):
+                    layer.share = share / keep
+        compress_together(layers)
 
     def empty_like(self) -> ClusteredCache:
         """A new empty cache with the same settings and method."""

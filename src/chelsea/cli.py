@@ -43,6 +43,12 @@ SpanOpt = Annotated[
     typer.Option("--decode-span", help="chelsea: while decoding, re-cluster only the last N entries before the window (0: the whole cache)."),
 ]
 RadiusOpt = Annotated[str, typer.Option(help="clustergen: --delta is relative to the keys' median 'norm' or their 'spread' around their mean.")]
+ImportanceOpt = Annotated[str, typer.Option(help="kvzip, guided: score by context reconstruction attending 'local'ly (sinks + the repeated chunk) or to the 'full' cache, by the prompt's last queries ('window'), or by token surprisal alone ('surprise').")]
+SurpriseOpt = Annotated[float, typer.Option("--surprise-weight", help="guided: weight of each token's surprisal added to its importance.")]
+ExactOpt = Annotated[float, typer.Option("--exact-share", help="guided: share of the kept entries (ranked over the layer's KV heads) kept exact; the rest absorb what is not kept.")]
+SimilarityOpt = Annotated[float, typer.Option("--min-similarity", help="guided: entries less cosine-similar than this to every representative are dropped, not merged.")]
+MergeOpt = Annotated[str, typer.Option(help="guided: a representative becomes the 'centroid' of its members, or keeps its key and averages the 'values'.")]
+FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, guided: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
@@ -80,7 +86,7 @@ def generate(
     prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), clustergen (cluster summary + value samples), or the eviction baselines streaming, h2o, snapkv, random, knorm.")] = "chelsea",
+    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), guided (importance-guided clustering), clustergen (cluster summary + value samples), or the eviction baselines kvzip, streaming, h2o, snapkv, random, knorm.")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -89,6 +95,12 @@ def generate(
     sinks: SinkOpt = 4,
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
+    importance: ImportanceOpt = "local",
+    exact_share: ExactOpt = 0.5,
+    min_similarity: SimilarityOpt = 0.0,
+    merge: MergeOpt = "centroid",
+    layer_floor: FloorOpt = 0.2,
+    surprise_weight: SurpriseOpt = 0.3,
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -119,7 +131,9 @@ def generate(
     if method == "clustergen":
         config = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, compress_every or 32, numerator, radius)
     else:
-        config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None)
+        config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None,
+                                   exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
+                                   importance=importance, surprise_weight=surprise_weight)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -149,7 +163,7 @@ def demo(
         str,
         typer.Option(help="filler: repetitive sentences (what SmolLM2-135M can search); haystack: long essays (use a larger model, e.g. qwen2.5-coder-0.5b)."),
     ] = "filler",
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for --context haystack (default: the project's shared haystack).")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for --context haystack (default: the essays shipped with the package).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 12,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -233,21 +247,27 @@ def eval_(
     out: Annotated[Path, typer.Option(help="Results folder: results.jsonl (raw, appended), summary.csv/.md, plots. Rerun to resume.")],
     model: ModelOpt = DEFAULT_MODEL,
     tasks: Annotated[str, typer.Option(help="Comma-separated: needle, passkey, multikey, multivalue, multiquery, vartrack, cwe, ppl.")] = "needle,passkey",
-    methods: Annotated[str, typer.Option(help="Comma-separated: full, chelsea, streaming, h2o, snapkv, random, knorm, clustergen.")] = "full,chelsea,streaming,snapkv",
+    methods: Annotated[str, typer.Option(help="Comma-separated: full, chelsea, guided, kvzip, streaming, h2o, snapkv, random, knorm, clustergen.")] = "full,chelsea,streaming,snapkv",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of the KV cache removed.")] = "0.5,0.8",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
-    placements: Annotated[str, typer.Option(help="after (question after the context), before (question first), or both.")] = "after,before",
+    placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives).")] = "after,before",
     samples: Annotated[int, typer.Option(help="Samples per cell (same seeds for every method).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts run together (same length, no padding).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the task generators.")] = 0,
     ppl_block: Annotated[int, typer.Option(help="ppl: tokens read per forward; the cache compresses after each.")] = 256,
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files (default: the project's shared haystack).")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files (default: the essays shipped with the package).")] = None,
     chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the model's chat template, if it has one.")] = True,
     plots: Annotated[bool, typer.Option(help="Draw the PNG plots (needs matplotlib).")] = True,
     chunk_size: ChunkOpt = 32,
     sinks: SinkOpt = 4,
     window: WindowOpt = 64,
     step_fraction: StepOpt = 0.5,
+    importance: ImportanceOpt = "local",
+    exact_share: ExactOpt = 0.5,
+    min_similarity: SimilarityOpt = 0.0,
+    merge: MergeOpt = "centroid",
+    layer_floor: FloorOpt = 0.2,
+    surprise_weight: SurpriseOpt = 0.3,
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -265,7 +285,9 @@ def eval_(
                 ratios=_split(ratios, float, "--ratios"), lengths=_split(lengths, int, "--lengths"),
                 placements=_split(placements, str, "--placements"))
     cells = plan(**grid)
-    knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction)
+    knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
+                 exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
+                 surprise_weight=surprise_weight)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
@@ -299,7 +321,7 @@ def analyze(
     tokens: Annotated[int, typer.Option(help="Tokens of prose and of code to read.")] = 4096,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Chunk size of the partition check.")] = 32,
     out: Annotated[Path, typer.Option(help="Folder for analyze_<model>.json/.md/.png.")] = Path("analysis"),
-    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for the prose (default: the project's shared haystack).")] = None,
+    haystack: Annotated[Path | None, typer.Option(help="Folder of .txt files for the prose (default: the essays shipped with the package).")] = None,
     plots: Annotated[bool, typer.Option(help="Draw the PNG plot (needs matplotlib).")] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

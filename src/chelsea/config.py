@@ -33,6 +33,28 @@ class CompressionConfig:
             work per clustering then no longer grows with the context. ``None`` re-clusters the
             whole cache every time, like after a prefill. Eviction methods always rank the
             whole cache.
+        exact_share: ``guided`` only. The share of the kept entries, ranked by importance over all
+            KV heads of a layer, that stay exact (never merged into or away); the other kept
+            entries absorb the entries that are not kept. 1.0 is eviction by importance.
+        min_similarity: ``guided`` only. An entry whose key's best cosine similarity to a
+            representative is below this is dropped rather than merged.
+        merge: ``guided`` only. ``"centroid"``: a representative becomes the count-weighted
+            centroid of its members' keys and values; ``"values"``: it keeps its key and
+            averages only the values.
+        neighbourhood: ``guided`` only. Entries look for a representative among this many
+            consecutive region entries (a block).
+        importance: ``kvzip`` and ``guided``: where their scores come from when the context is
+            compressed with :func:`chelsea.importance.compress_context` (what ``chelsea eval``
+            and ``chelsea generate`` do): ``"local"`` (default) context reconstruction whose
+            repeat attends to the sinks and the chunk it repeats, ``"full"`` reconstruction whose
+            repeat attends to the whole cache, ``"window"`` the prompt's last queries only,
+            ``"surprise"`` each token's surprisal only (no extra forward at all).
+            A plain ``model.generate`` always uses the last queries.
+        surprise_weight: ``guided`` only. Weight of each token's surprisal (capped at 1 from 10
+            nats on) added to its reconstruction or window score in every layer and head.
+        layer_floor: ``kvzip`` and ``guided``. Layers get uneven budgets from the importance
+            scores of all layers ranked together; none gets less than this fraction of an even
+            split of the budget beyond sinks and window.
     """
 
     ratio: float = 0.5
@@ -42,6 +64,13 @@ class CompressionConfig:
     step_fraction: float = 0.5
     compress_every: int | None = None
     decode_span: int | None = 256
+    exact_share: float = 0.5
+    min_similarity: float = 0.0
+    merge: str = "centroid"
+    neighbourhood: int = 128
+    layer_floor: float = 0.2
+    importance: str = "local"
+    surprise_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -62,6 +91,25 @@ class CompressionConfig:
             raise ChelseaError(f"compress_every must be an integer >= 1; got {self.compress_every!r}")
         if self.decode_span is not None and (not isinstance(self.decode_span, int) or self.decode_span < 2):
             raise ChelseaError(f"decode_span must be an integer >= 2 (entries) or None (the whole cache); got {self.decode_span!r}")
+        for name in ("exact_share", "layer_floor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ChelseaError(f"{name} must be in [0, 1]; got {value!r}")
+        if not isinstance(self.min_similarity, (int, float)) or not -1.0 <= float(self.min_similarity) <= 1.0:
+            raise ChelseaError(f"min_similarity must be a cosine similarity in [-1, 1]; got {self.min_similarity!r}")
+        if self.importance not in ("local", "full", "window", "surprise"):
+            raise ChelseaError(f"importance must be 'local', 'full', 'window' or 'surprise'; got {self.importance!r}")
+        if not isinstance(self.surprise_weight, (int, float)) or self.surprise_weight < 0:
+            raise ChelseaError(f"surprise_weight must be a number >= 0; got {self.surprise_weight!r}")
+        if self.merge not in ("centroid", "values"):
+            raise ChelseaError(f"merge must be 'centroid' or 'values'; got {self.merge!r}")
+        if not isinstance(self.neighbourhood, int) or self.neighbourhood < 2:
+            raise ChelseaError(f"neighbourhood must be an integer >= 2 (entries); got {self.neighbourhood!r}")
+
+    def guided_options(self) -> dict:
+        """The settings the importance-ranked methods take besides the shared ones."""
+        return {"exact_share": self.exact_share, "min_similarity": self.min_similarity, "merge": self.merge,
+                "neighbourhood": self.neighbourhood}
 
     def budget(self, tokens: int) -> int:
         """Entries to keep for a sequence of ``tokens`` tokens."""

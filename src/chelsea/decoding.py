@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .cache import ClusteredCache, ClusteredLayer, compress_together
+from .compat import cache_arg
 from .errors import ChelseaError
 
 
@@ -104,7 +105,7 @@ class GraphDecoder:
         """One step, all on the device: forward at position ``state[0]``, argmax, advance ``state``."""
         with torch.no_grad():
             self.logits = self.model(
-                self.token, position_ids=self.state[:1].view(1, 1), past_key_values=self.cache, use_cache=True, logits_to_keep=1
+                self.token, position_ids=self.state[:1].view(1, 1), **cache_arg(self.model, self.cache), use_cache=True, logits_to_keep=1
             ).logits
             self.token.copy_(self.logits[:, -1:].argmax(-1))
             self.state.add_(1)

@@ -28,8 +28,10 @@ import transformers
 from tqdm.auto import tqdm
 
 from .config import ClusterGenConfig, CompressionConfig
+from .compat import cache_arg
 from .errors import ChelseaError
 from .generation import METHODS, _sync, cache_stats, make_cache, use_method
+from .importance import compress_context
 from .support import check_prompt_length
 from .tasks import PLACEMENTS, QUESTION_TASKS, TASKS, Sample, TaskBuilder, score
 
@@ -108,12 +110,22 @@ def _prepare(model, samples: list[Sample], cell: Cell, config):
 
 
 def _answer(model, tokenizer, samples: list[Sample], cell: Cell, config) -> list[dict]:
-    """Greedy replies of one batch of equal-length prompts with the cell's cache."""
+    """Greedy replies of one batch of equal-length prompts with the cell's cache.
+
+    ``agnostic`` samples (and every sample of an importance-ranked method) are prefilled and
+    compressed up to their context's end first (:func:`chelsea.importance.compress_context`);
+    ``generate`` then reads the rest of the prompt into the compressed cache and answers.
+    """
     ids, cache = _prepare(model, samples, cell, config)
     new_tokens = max(s.max_new_tokens for s in samples)
+    split = samples[0].context_end
+    if split is None and getattr(cache, "scores_importance", False):
+        split = ids.shape[1] - 1
     with torch.inference_mode():
+        if split is not None and cell.method != "full":
+            compress_context(model, cache, ids[:, :split], tokenizer)
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new_tokens,
+            input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(model, cache), max_new_tokens=new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
         )
     stats = cache_stats(cache)
@@ -131,7 +143,7 @@ def _perplexity(model, samples: list[Sample], cell: Cell, config, block: int) ->
     with torch.inference_mode():
         for start in range(0, ids.shape[1] - 1, block):
             chunk = ids[:, start : start + block]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=chunk, **cache_arg(model, cache), use_cache=True).logits
             targets = ids[:, start + 1 : start + 1 + chunk.shape[1]]
             logits = logits[:, : targets.shape[1]].float()
             nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(-1).double()

@@ -17,7 +17,9 @@ from transformers import DynamicCache, StoppingCriteria
 from .attention import ATTN_IMPLEMENTATION, register
 from .cache import ClusteredCache
 from .config import ClusterGenConfig, CompressionConfig
+from .compat import cache_arg
 from .errors import ChelseaError
+from .importance import compress_context
 from .methods import COMPRESSORS
 from .support import check_model_config, check_prompt_length
 
@@ -109,7 +111,7 @@ def prefill(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tens
     if micro_batch is not None and micro_batch < 1:
         raise ChelseaError(f"the prefill micro-batch must be at least 1 row; got {micro_batch}")
     if micro_batch is None or micro_batch >= batch:
-        return model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
     if not isinstance(cache, ClusteredCache):
         raise ChelseaError("a micro-batched prefill needs a ClusteredCache (use ClusteredCache(ratio=0.0) for a full cache)")
     if any(layer.is_initialized for layer in cache.layers):
@@ -119,7 +121,7 @@ def prefill(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tens
         rows = slice(start, start + micro_batch)
         part = cache.empty_like()
         mask = None if attention_mask is None else attention_mask[rows]
-        logits.append(model(input_ids[rows], attention_mask=mask, past_key_values=part, use_cache=True, logits_to_keep=1).logits)
+        logits.append(model(input_ids[rows], attention_mask=mask, **cache_arg(model, part), use_cache=True, logits_to_keep=1).logits)
         cache.take_rows(part, start, batch)
         del part
     return torch.cat(logits)
@@ -147,8 +149,10 @@ def generate(
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
     ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference); the
-    other methods (``chelsea``, the eviction baselines ``streaming``, ``h2o``, ``snapkv``, ``random``, ``knorm``, and
-    ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
+    other methods (``chelsea``, ``guided``, the eviction baselines ``kvzip``, ``streaming``, ``h2o``, ``snapkv``,
+    ``random``, ``knorm``, and ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
+    ``guided`` and ``kvzip`` score the prompt first (:func:`chelsea.importance.compress_context`,
+    context reconstruction by default; its time counts as prefill).
     ``ratio`` in the result is the setting for the ratio-based methods, 0 for ``full`` and ``None`` for
     ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).
 
@@ -173,9 +177,13 @@ def generate(
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
+        if getattr(cache, "scores_importance", False) and prompt_tokens > 1:
+            # Score and compress all but the last prompt token; generate reads that one.
+            mask = inputs.get("attention_mask")
+            compress_context(model, cache, inputs["input_ids"][:, :-1], tokenizer, attention_mask=None if mask is None else mask[:, :-1])
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **cache_arg(model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,
@@ -239,7 +247,11 @@ def _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens) -
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        token = prefill(model, inputs["input_ids"], cache, attention_mask=inputs.get("attention_mask"))[:, -1:].argmax(-1)
+        if getattr(cache, "scores_importance", False):
+            logits = compress_context(model, cache, inputs["input_ids"], tokenizer, attention_mask=inputs.get("attention_mask"))
+        else:
+            logits = prefill(model, inputs["input_ids"], cache, attention_mask=inputs.get("attention_mask"))
+        token = logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         first = time.perf_counter()
         if max_new_tokens > 1 and tokens[0] not in eos:

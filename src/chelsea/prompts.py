@@ -1,9 +1,9 @@
 """Long prompts with a hidden fact: the haystack text, passkey filler, and the answer check.
 
-The haystack is a folder of long English text files (Paul Graham's essays in this project's
-shared data). It is looked up in this order: an explicit path, ``$CHELSEA_HAYSTACK``, then a
-``shared/data/haystack`` folder beside the current directory or the source tree. Without one, the
-repetitive passkey filler is used, so the demo still runs anywhere.
+The haystack is a folder of long English text files: 49 of Paul Graham's essays (MIT licence,
+``chelsea/data/haystack/LICENSE.txt``) ship inside the package, so the tasks, the demo and the
+tests need nothing beside it. Another folder can be chosen with an explicit path or
+``$CHELSEA_HAYSTACK``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import ChelseaError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PACKAGED_HAYSTACK = Path(__file__).resolve().parent / "data" / "haystack"
 INTRO = (
     "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"
@@ -34,7 +35,8 @@ class Prompt:
 
 
 def find_haystack(path: str | os.PathLike | None = None) -> Path | None:
-    """The haystack folder, or ``None`` when none can be found (an explicit path must exist)."""
+    """The haystack folder: ``path``, else ``$CHELSEA_HAYSTACK``, else the packaged essays
+    (``None`` only when a broken install lost them; an explicit path must exist)."""
     if path is not None:
         folder = Path(path)
         if not folder.is_dir() or not any(folder.glob("*.txt")):
@@ -42,13 +44,7 @@ def find_haystack(path: str | os.PathLike | None = None) -> Path | None:
         return folder
     if os.environ.get("CHELSEA_HAYSTACK"):
         return find_haystack(os.environ["CHELSEA_HAYSTACK"])
-    starts = [Path.cwd(), Path(__file__).resolve()]
-    for start in starts:
-        for parent in [start, *start.parents]:
-            for candidate in (parent / "shared" / "data" / "haystack", parent / "data" / "haystack"):
-                if candidate.is_dir() and any(candidate.glob("*.txt")):
-                    return candidate
-    return None
+    return PACKAGED_HAYSTACK if any(PACKAGED_HAYSTACK.glob("*.txt")) else None
 
 
 def haystack_text(folder: Path) -> str:

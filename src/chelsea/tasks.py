@@ -13,10 +13,12 @@ Question tasks hide facts in background text and ask about them:
 - ``cwe``: a numbered list of words in which five words appear 3 to 20 times as often as the
   others (which appear twice); the five are asked for (RULER's common-word extraction).
 
-Each question task comes in two placements: ``after`` (the question follows the context, so
-methods that look at the last prompt tokens see it) and ``before`` (the question precedes the
+Each question task comes in three placements: ``after`` (the question follows the context, so
+methods that look at the last prompt tokens see it), ``before`` (the question precedes the
 context and the reply starts with a prefix that names no key: the prompt's end says nothing of
-what will be asked, as in a chat whose next question is unknown).
+what will be asked) and ``agnostic`` (the prompt of ``after``, but the cache is compressed after
+the context alone and the question arrives later: one compressed document, many questions;
+``Sample.context_end`` says where the context ends).
 
 ``ppl`` is perplexity of haystack text read block by block (see :mod:`chelsea.evaluate`).
 
@@ -38,7 +40,7 @@ from .prompts import FILLER, INTRO, find_haystack, haystack_text
 
 QUESTION_TASKS = ("needle", "passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe")
 TASKS = (*QUESTION_TASKS, "ppl")
-PLACEMENTS = ("after", "before")
+PLACEMENTS = ("after", "before", "agnostic")
 NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONTEXT_MARK = "\u2063CONTEXT\u2063"
 
@@ -61,6 +63,7 @@ class Sample:
     max_new_tokens: int
     depth: float | None = None
     meta: dict = field(default_factory=dict)
+    context_end: int | None = None  # ``agnostic``: the cache is compressed after this many tokens
 
 
 @dataclass
@@ -240,7 +243,7 @@ class TaskBuilder:
         while True:
             rng = random.Random(f"{self.seed}/{task}/{length}/{index}")
             spec = _spec(task, rng, self.words, index, guess, self.tokens_per_item)
-            if placement == "after":
+            if placement in ("after", "agnostic"):
                 user = f"{spec.instruction}\n\n{CONTEXT_MARK}\n\n{spec.question}"
                 head, tail = self.frame(user, spec.prefix_after)
             else:
@@ -259,7 +262,7 @@ class TaskBuilder:
             new_tokens += len(self.ids(spec.prefix_after)) + 8  # room to restate the question first
         assert len(ids) == length, (len(ids), length)
         return Sample(task, length, placement, index, ids, spec.answers, new_tokens, spec.depth,
-                      {"question": spec.question})
+                      {"question": spec.question}, len(head) + len(context) if placement == "agnostic" else None)
 
     def _context(self, spec: _Spec, budget: int, rng: random.Random, body: list[int]) -> list[int]:
         """Exactly ``budget`` ids: background with the facts inserted at sentence ends, or the

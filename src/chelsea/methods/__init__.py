@@ -9,17 +9,25 @@ Methods that rank entries by the attention they receive (``h2o``, ``snapkv``) ca
 ``uses_attention = True`` and ``observation_window`` (how many of a prompt's last queries count;
 ``None`` for all). The cache then keeps a running attention score per entry, passes it in as
 ``scores=`` and gets the kept entries' scores back as a fourth tensor.
+
+Methods that rank by importance (``kvzip``, ``guided``) carry ``uses_importance = True``: the cache
+keeps a score per entry from :mod:`chelsea.importance` (context reconstruction, or the prompt's last
+queries), passes it and the ``guided`` settings in, and splits the budget unevenly over layers.
 """
 
 from .chelsea import chunked_soft_matching
+from .guided import guided_merge
 from .h2o import h2o_evict
 from .knorm import knorm_evict
+from .kvzip import kvzip_evict
 from .random_eviction import random_evict
 from .snapkv import snapkv_evict
 from .streaming import streaming_evict
 
 COMPRESSORS = {
     "chelsea": chunked_soft_matching,
+    "guided": guided_merge,
+    "kvzip": kvzip_evict,
     "streaming": streaming_evict,
     "h2o": h2o_evict,
     "snapkv": snapkv_evict,
@@ -30,6 +38,8 @@ COMPRESSORS = {
 __all__ = [
     "COMPRESSORS",
     "chunked_soft_matching",
+    "guided_merge",
+    "kvzip_evict",
     "h2o_evict",
     "knorm_evict",
     "random_evict",

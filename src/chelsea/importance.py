@@ -1,0 +1,211 @@
+"""Importance scores for the KV cache: which entries the model needs, computed around the prefill.
+
+Three sources, written into a :class:`chelsea.cache.ClusteredLayer`'s score buffer for the
+methods that rank by importance (``kvzip``, ``guided``):
+
+- **Question attention** (what SnapKV looks at): the attention each entry gets from the prompt's
+  last :data:`OBSERVATION_WINDOW` queries. Free during any prefill, and the fallback when a plain
+  ``model.generate`` runs without a reconstruction pass; it only knows a question that is in the
+  prompt.
+- **Context reconstruction** (KVzip's idea, arXiv 2505.23416): after the context, the model is
+  asked to repeat it ("Repeat the previous context exactly, starting from: <last words of the
+  previous chunk>", then the chunk itself as the reply), chunk by chunk. An entry's score is the
+  largest attention it receives from any repeating query of any query head that reads its KV head,
+  softmax taken over the attention sinks, the chunk being repeated and the repeat itself. Entries
+  the model must read to reproduce the text (a code's digits) score high, whatever the question
+  will be.
+- **Surprisal** (ours, for ``guided``): how unexpected each context token was to the model,
+  ``-log p(token | what came before)``, read off the prefill's own hidden states for the price of
+  the output layer. Facts planted in other text (names, numbers, codes) are the least predictable
+  tokens; ``surprise_weight * min(1, surprisal / SURPRISE_SCALE)`` is added to every layer's and
+  head's score of that token.
+
+:func:`score_by_reconstruction` runs the repeat forwards through the model with the cache in a
+scoring mode (the layers attend through :class:`Reconstruction`), then removes the repeated
+tokens again, so the cache holds exactly the context. ``view="full"`` lets the repeating queries
+attend to the whole cache in the forward (as kvpress's KVzipPress does; about two prefills of
+extra work); ``view="local"`` (the default, our cheaper variant) lets them attend only to the sinks
+and the chunk they repeat, so the forward costs a linear number of attention reads and the scores
+come out of the same attention probabilities.
+
+:func:`compress_context` is the whole flow: prefill with clustering held back, score, compress
+every layer at once with uneven layer budgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import weighted_attention
+from .compat import cache_arg
+from .errors import ChelseaError
+
+OBSERVATION_WINDOW = 32
+SURPRISE_SCALE = 10.0  # nats: a token this unexpected (a random digit, say) gets the full weight
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly, starting from:"
+VIEWS = ("local", "full")
+
+
+@dataclass
+class Reconstruction:
+    """One repeat forward's scoring state for every layer: the context holds ``context`` entries;
+    the chunk being repeated is entries ``[lo, hi)``; the first ``sinks`` entries are always visible."""
+
+    context: int
+    lo: int
+    hi: int
+    sinks: int
+    view: str = "local"
+    max_block_bytes: int = 1 << 30
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts, scale, scores: torch.Tensor):
+        """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
+        the largest attention each chunk entry (and sink) receives."""
+        batch, heads, m, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        scale = dim**-0.5 if scale is None else scale
+        sinks = min(self.sinks, self.lo)
+        index = torch.cat([torch.arange(sinks), torch.arange(self.lo, self.hi), torch.arange(self.context, key.shape[2])]).to(key.device)
+        k = key.index_select(2, index)
+        v = value.index_select(2, index)
+        bias = None if log_counts is None else log_counts.index_select(-1, index).float()
+        visible = index.shape[0]
+        old = visible - m
+        cols = torch.arange(visible, device=key.device)
+        best = torch.zeros(batch, kv_heads, old, dtype=torch.float32, device=key.device)
+        outs = []
+        block = max(1, self.max_block_bytes // max(1, batch * heads * visible * 4))
+        for first in range(0, m, block):
+            last = min(m, first + block)
+            q = query[:, :, first:last].float().view(batch, kv_heads, groups, last - first, dim)
+            logits = q @ k.float().transpose(-1, -2)[:, :, None] * scale  # [B, KVH, G, rows, visible]
+            if bias is not None:
+                logits = logits + bias[:, :, None, None, :]
+            rows = torch.arange(first, last, device=key.device) + old
+            logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+            probs = logits.softmax(-1)
+            best = torch.maximum(best, probs[..., :old].amax(dim=(2, 3)))
+            if self.view == "local":
+                outs.append((probs @ v.float()[:, :, None]).view(batch, heads, last - first, -1))
+        scored = index[:old]
+        scores[:, :, scored] = torch.maximum(scores[:, :, scored], best)
+        if self.view == "local":
+            return torch.cat(outs, 2).to(query.dtype)
+        return weighted_attention(query, key, value, log_counts, scale=scale)
+
+
+def _chat_reply_start(tokenizer) -> str:
+    """What the chat template puts between a user turn's text and the assistant's reply ("\\n" without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n"
+    mark = "\u2063END\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x" + mark}], add_generation_prompt=True, tokenize=False)
+    return rendered.split(mark, 1)[1]
+
+
+def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overlap: int = 8) -> list[tuple[int, int, torch.Tensor]]:
+    """``(lo, hi, ids)`` per chunk: the instruction to repeat, the last ``overlap`` tokens before
+    the chunk (where it starts), the chat template's start of a reply, then the chunk."""
+    ask = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    reply = tokenizer(_chat_reply_start(tokenizer), add_special_tokens=False, return_tensors="pt").input_ids
+    rows, n = context_ids.shape
+    out = []
+    for lo in range(0, n, chunk_size):
+        hi = min(n, lo + chunk_size)
+        parts = [ask.expand(rows, -1), context_ids[:, max(0, lo - overlap) : lo], reply.expand(rows, -1), context_ids[:, lo:hi]]
+        out.append((lo, hi, torch.cat([p.to(context_ids.device) for p in parts], dim=1)))
+    return out
+
+
+def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, *, chunk_size: int = 2048,
+                            view: str = "local") -> None:
+    """Fill the importance scores of ``cache`` (prefilled with exactly ``context_ids`` and not yet
+    compressed) by asking the model to repeat the context, chunk by chunk; see the module doc.
+
+    Afterwards the cache holds the context's entries again, nothing of the repeats."""
+    if view not in VIEWS:
+        raise ChelseaError(f"the reconstruction view must be one of {', '.join(VIEWS)}; got {view!r}")
+    if chunk_size < 16:
+        raise ChelseaError(f"the reconstruction chunk size must be at least 16 tokens; got {chunk_size}")
+    if not getattr(cache, "scores_importance", False):
+        raise ChelseaError("context reconstruction scores a ClusteredCache whose method ranks by importance (kvzip, guided)")
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    n = context_ids.shape[1]
+    if any(layer.has_padding for layer in layers):
+        raise ChelseaError("context reconstruction does not take padded batches yet: compress prompts of different lengths one by one")
+    if any(layer.length != n or layer.seen != n for layer in layers):
+        raise ChelseaError("score the cache right after prefilling the context, before it is compressed")
+    for layer in layers:
+        layer.scores.zero_()
+    sinks = cache.config.sink_tokens
+    with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
+        for lo, hi, ids in repeat_prompts(tokenizer, context_ids, chunk_size):
+            for layer in layers:
+                layer.reconstruction = Reconstruction(n, lo, hi, sinks, view)
+            try:
+                model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
+            finally:
+                for layer in layers:
+                    layer.reconstruction = None
+                    layer.length = layer.seen = n
+                    layer.since_compression = n
+
+
+def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
+                     reconstruct: str | None = "config", chunk_size: int = 2048) -> torch.Tensor:
+    """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
+
+    For the methods that rank by importance (``kvzip``, ``guided``) the scores come from context
+    reconstruction (``reconstruct`` is its view, ``"local"`` or ``"full"``; ``None`` keeps the
+    prompt's own last-query attention; by default the cache's ``config.importance``) and the
+    layers get uneven budgets; every other method
+    compresses as in any prefill. Returns the last position's logits ``[batch, 1, vocab]``.
+    Continue with ``model.generate(input_ids=<context + question>, past_key_values=cache, ...)``.
+    """
+    if not getattr(cache, "scores_importance", False):
+        return model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
+    if reconstruct == "config":
+        reconstruct = cache.config.importance if cache.config.importance in VIEWS else None
+    if reconstruct is not None and tokenizer is None:
+        raise ChelseaError("context reconstruction needs the tokenizer (to write the repeat prompt)")
+    weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
+    with cache.held(), torch.no_grad():
+        if weight > 0 or cache.config.importance == "surprise":
+            logits, surprise = _prefill_with_surprisal(model, cache, input_ids, attention_mask)
+        else:
+            logits = model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
+        if reconstruct is not None:
+            score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct)
+        elif cache.config.importance == "surprise":
+            weight = 1.0
+            for layer in cache.layers:
+                layer.scores.zero_()
+        if weight > 0:
+            bonus = weight * (surprise / SURPRISE_SCALE).clamp(max=1.0)
+            for layer in cache.layers:
+                layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
+    cache.compress_all()
+    return logits
+
+
+def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``-log p(token_i | tokens before i)`` ``[batch, n]`` float32 from the last hidden states
+    ``[batch, n, d]`` (0 for the first token), through the output layer a block at a time."""
+    head = model.get_output_embeddings()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, input_ids.shape[1] - 1, block):
+        stop = min(input_ids.shape[1] - 1, start + block)
+        logprobs = head(hidden[:, start:stop]).float().log_softmax(-1)
+        out[:, start + 1 : stop + 1] = -logprobs.gather(-1, input_ids[:, start + 1 : stop + 1, None].to(hidden.device))[..., 0]
+    return out
+
+
+def _prefill_with_surprisal(model, cache, input_ids, attention_mask):
+    """The prefill through the decoder alone, then the last position's logits and every token's surprisal."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(decoder, cache), use_cache=True).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, -1:])
+    return logits, token_surprisal(model, hidden, input_ids)

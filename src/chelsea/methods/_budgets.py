@@ -1,0 +1,53 @@
+"""Uneven budgets over layers from importance scores (KVzip's global ranking, AdaKV's floor).
+
+Every KV head of a layer keeps the same number of entries (the layer stays one dense tensor, so
+its bytes are really freed); layers differ. The entries outside sinks and window of all layers are
+ranked together; each layer's share of the region budget follows how many of the top-ranked
+entries it holds, never below ``floor`` of an even split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def layer_shares(region_scores: list[torch.Tensor], keep: int, floor: float = 0.2) -> list[int]:
+    """Entries per KV head each layer keeps from its region, summing to ``keep * layers``.
+
+    Args:
+        region_scores: per layer, the importance of the entries between sinks and window,
+            ``[batch, kv_heads, n_l]`` (layers may differ in length and head count).
+        keep: region entries per KV head a layer would keep with an even split.
+        floor: the least any layer gets, as a fraction of ``keep``.
+
+    The global threshold is taken per batch row (rows rank their own entries); a layer's count is
+    averaged over rows, because one layer holds one length for all its rows.
+    """
+    layers = len(region_scores)
+    if layers == 0 or keep <= 0:
+        return [max(0, keep)] * layers
+    caps = [s.shape[-1] for s in region_scores]
+    total = keep * layers
+    if total >= sum(caps):
+        return caps
+    heads = [s.shape[1] for s in region_scores]
+    flat = torch.cat([s.float().flatten(1) for s in region_scores], dim=1)  # [batch, all entries]
+    slots = sum(keep * h for h in heads)
+    threshold = flat.topk(min(slots, flat.shape[1]), dim=1).values[:, -1:]  # [batch, 1]
+    wanted = [((s.float().flatten(1) >= threshold).sum(1).float().mean() / h).item() for s, h in zip(region_scores, heads)]
+    least = math.ceil(floor * keep)
+    spare = total - least * layers
+    weight = [max(0.0, w - least) for w in wanted]
+    scale = spare / sum(weight) if sum(weight) > 0 else 0.0
+    shares = [min(cap, least + int(w * scale)) if scale else min(cap, keep) for w, cap in zip(weight, caps)]
+    # Hand what rounding and caps left over to the layers with room, most wanted first.
+    left = total - sum(shares)
+    for i in sorted(range(layers), key=lambda i: -wanted[i]):
+        if left <= 0:
+            break
+        extra = min(left, caps[i] - shares[i])
+        shares[i] += extra
+        left -= extra
+    return shares

@@ -1,0 +1,186 @@
+"""Importance-ranked compression: kvzip eviction, importance-guided merging, layer budgets and
+context-reconstruction scoring."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from chelsea import ClusteredCache, CompressionConfig
+from chelsea.attention import weighted_attention
+from chelsea.generation import use_method
+from chelsea.importance import Reconstruction, compress_context, repeat_prompts, score_by_reconstruction
+from chelsea.methods import COMPRESSORS, guided_merge, kvzip_evict
+from chelsea.methods._budgets import layer_shares
+
+
+def _data(batch=2, heads=3, length=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, length, 8, generator=g)
+    values = torch.randn(batch, heads, length, 8, generator=g)
+    scores = torch.rand(batch, heads, length, generator=g)
+    return keys, values, torch.zeros(batch, heads, length), scores
+
+
+@pytest.mark.parametrize("n_remove", [0, 7, 60, 500])
+def test_kvzip_keeps_exactly_the_top_scored_entries(n_remove):
+    keys, values, lc, scores = _data()
+    keys[..., -1] = torch.arange(120, dtype=torch.float32)  # position tag
+    k, v, out_lc, out_scores = kvzip_evict(keys, values, lc, n_remove, scores=scores, sink_tokens=4, window=10)
+    region = scores[:, :, 4:110]
+    removed = min(n_remove, 106)
+    want = region.topk(106 - removed, dim=-1).indices.sort(-1).values + 4
+    kept_region = k[:, :, 4 : k.shape[2] - 10, -1].long()
+    assert torch.equal(kept_region, want)
+    assert torch.equal(out_scores, scores.gather(-1, k[..., -1].long()))
+    assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(k[:, :, -10:], keys[:, :, -10:])
+
+
+@pytest.mark.parametrize("exact_share", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("merge", ["centroid", "values"])
+def test_guided_never_merges_an_exact_entry(exact_share, merge):
+    keys, values, lc, scores = _data(seed=3)
+    lc[..., ::5] = 1.3  # some entries already stand for several tokens
+    k, v, out_lc, out_scores = guided_merge(keys, values, lc, 70, scores=scores, sink_tokens=4, window=10,
+                                            exact_share=exact_share, merge=merge, neighbourhood=16)
+    assert k.shape[2] == 50
+    region_scores = scores[:, :, 4:110]
+    kept = torch.zeros_like(region_scores, dtype=torch.bool).scatter_(-1, region_scores.topk(36, dim=-1).indices, True)
+    count = round(exact_share * 36)
+    ranked = region_scores.masked_fill(~kept, -1).flatten(1)
+    threshold = ranked.topk(count, dim=1).values[:, -1:] if count else torch.full((2, 1), 2.0)
+    for b in range(2):
+        for h in range(3):
+            for j in range(4, 46):  # kept region entries, in order
+                pos = int(torch.nonzero(scores[b, h] == out_scores[b, h, j])[0])
+                exact = bool(scores[b, h, pos] >= threshold[b, 0])
+                if exact:  # bit for bit, its own count
+                    assert torch.equal(k[b, h, j], keys[b, h, pos]) and torch.equal(v[b, h, j], values[b, h, pos])
+                    assert out_lc[b, h, j] == lc[b, h, pos]
+                if merge == "values":  # representatives keep their own key too
+                    assert torch.equal(k[b, h, j], keys[b, h, pos])
+    assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(v[:, :, -10:], values[:, :, -10:])
+
+
+def test_guided_counts_sum_to_tokens_when_everything_merges():
+    keys, values, lc, scores = _data(seed=1)
+    k, v, out_lc, _ = guided_merge(keys, values, lc, 80, scores=scores, sink_tokens=4, window=10,
+                                   exact_share=0.0, min_similarity=-1.0, neighbourhood=120)
+    torch.testing.assert_close(out_lc.exp().sum(-1), torch.full((2, 3), 120.0))
+
+
+def test_guided_drops_entries_below_the_similarity_floor():
+    keys, values, lc, scores = _data(seed=2)
+    _, _, out_lc, _ = guided_merge(keys, values, lc, 80, scores=scores, sink_tokens=4, window=10,
+                                   exact_share=0.0, min_similarity=1.0, neighbourhood=120)  # nothing is that similar
+    assert torch.equal(out_lc, torch.zeros_like(out_lc))
+
+
+def test_guided_is_exact_on_identical_tokens():
+    g = torch.Generator().manual_seed(4)
+    key, value = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+    keys, values = key.expand(1, 2, 64, 8).clone(), value.expand(1, 2, 64, 8).clone()
+    scores = torch.rand(1, 2, 64, generator=g)
+    k, v, lc, _ = guided_merge(keys, values, torch.zeros(1, 2, 64), 48, scores=scores, sink_tokens=0, window=0,
+                               exact_share=0.25, min_similarity=-1.0, neighbourhood=64)
+    query = torch.randn(1, 4, 1, 8, generator=g)
+    want = weighted_attention(query, keys, values)
+    got = weighted_attention(query, k, v, lc)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lc.exp().sum(-1), torch.full((1, 2), 64.0))
+
+
+def test_layer_shares_sum_to_the_budget_follow_the_scores_and_respect_the_floor():
+    g = torch.Generator().manual_seed(0)
+    low, high = torch.rand(2, 2, 500, generator=g) * 0.1, torch.rand(2, 2, 500, generator=g)
+    shares = layer_shares([low, high, high.clone()], 100, floor=0.2)
+    assert sum(shares) == 300
+    assert shares[0] == 20 and shares[1] > 100 and shares[2] > 100
+    assert layer_shares([low, high], 100, floor=1.0) == [100, 100]
+    assert layer_shares([low[..., :50], high[..., :50]], 100) == [50, 50]  # all fits
+
+
+def _tiny(layers=3):
+    from chelsea.models import resolve
+
+    path, extra = resolve("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    return model, tokenizer
+
+
+def test_local_reconstruction_attends_only_to_sinks_the_chunk_and_itself():
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 6, 8, generator=g)
+    key, value = torch.randn(2, 2, 46, 8, generator=g), torch.randn(2, 2, 46, 8, generator=g)
+    scores = torch.zeros(2, 2, 40)
+    out = Reconstruction(40, 10, 20, 4, "local").attend(query, key, value, None, None, scores)
+    visible = torch.cat([torch.arange(4), torch.arange(10, 20), torch.arange(40, 46)])
+    torch.testing.assert_close(out, weighted_attention(query, key[:, :, visible], value[:, :, visible]))
+    assert bool((scores[..., 4:10] == 0).all()) and bool((scores[..., 20:] == 0).all())
+    assert bool((scores[..., 10:20] > 0).all()) and bool((scores <= 1).all())
+    full = Reconstruction(40, 10, 20, 4, "full").attend(query, key, value, None, None, torch.zeros(2, 2, 40))
+    torch.testing.assert_close(full, weighted_attention(query, key, value))
+
+
+@pytest.mark.parametrize("method", ["kvzip", "guided"])
+def test_compress_context_scores_compresses_and_keeps_the_context(method):
+    model, tokenizer = _tiny()
+    use_method(model, method)
+    ids = torch.randint(0, 1000, (2, 400), generator=torch.Generator().manual_seed(1))
+    cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16), compressor=COMPRESSORS[method])
+    compress_context(model, cache, ids[:, :300], tokenizer, chunk_size=128)
+    assert all(layer.seen == 300 for layer in cache.layers)
+    lengths = [layer.length for layer in cache.layers]
+    assert sum(lengths) == len(lengths) * 60 and len(set(lengths)) > 1  # uneven layers, same total
+    stats = cache.stats()
+    assert stats["kv_bytes"] < 0.25 * stats["kv_bytes_full"]
+    out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 405) and cache.layers[0].seen == 404
+
+
+def test_reconstruction_leaves_the_cache_as_the_prefill_left_it():
+    model, tokenizer = _tiny(layers=2)
+    use_method(model, "kvzip")
+    ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(2))
+    cache = ClusteredCache(CompressionConfig(ratio=0.5), compressor=kvzip_evict)
+    with cache.held():
+        model(ids, past_key_values=cache)
+        before = [layer.keys.clone() for layer in cache.layers]
+        score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=64)
+    for layer, keys in zip(cache.layers, before):
+        assert layer.length == layer.seen == 200 and torch.equal(layer.keys, keys)
+        assert bool((layer.scores >= 0).all()) and bool((layer.scores <= 1).all()) and float(layer.scores.max()) > 0
+    assert len(repeat_prompts(tokenizer, ids, 64)) == 4
+
+
+def test_reconstruction_refuses_other_methods_and_padding():
+    model, tokenizer = _tiny(layers=1)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 100))
+    cache = ClusteredCache(ratio=0.5)
+    model(ids, past_key_values=cache)
+    with pytest.raises(Exception, match="ranks by importance"):
+        score_by_reconstruction(model, cache, ids, tokenizer)
+
+
+def test_one_compressed_context_serves_several_questions_through_copies():
+    import copy
+
+    model, tokenizer = _tiny(layers=2)
+    use_method(model, "guided")
+    g = torch.Generator().manual_seed(3)
+    context, q1, q2 = torch.randint(0, 1000, (1, 300), generator=g), torch.randint(0, 1000, (1, 9), generator=g), torch.randint(0, 1000, (1, 7), generator=g)
+    config = CompressionConfig(ratio=0.8, window=16)
+    shared = ClusteredCache(config, compressor=guided_merge)
+    compress_context(model, shared, context, tokenizer, chunk_size=128)
+    for question in (q1, q2):
+        fresh = ClusteredCache(config, compressor=guided_merge)
+        compress_context(model, fresh, context, tokenizer, chunk_size=128)
+        ids = torch.cat([context, question], dim=1)
+        want = model.generate(input_ids=ids, past_key_values=fresh, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        got = model.generate(input_ids=ids, past_key_values=copy.deepcopy(shared), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert torch.equal(got, want)
+    assert all(layer.seen == 300 for layer in shared.layers)  # the shared copy is untouched
