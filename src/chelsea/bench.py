@@ -5,7 +5,8 @@ random weights (``llama3-8b``, ``mistral-7b``, ``qwen2.5-7b``): right for speed 
 for accuracy. Prompts are random token ids. For each configuration:
 
 - ``prefill_s``: the prompts' forward pass (``logits_to_keep=1``), clustering included, eager even
-  when the layers are fused; with ``prefill_batch`` (in each record) the prompts go through that
+  when the layers are fused (``guided`` and ``kvzip`` rank by the prompt's last queries here, not
+  by context reconstruction: ``benchmarks/prefill_cost.py`` times that); with ``prefill_batch`` (in each record) the prompts go through that
   many at a time and their entries are copied into one cache (:func:`chelsea.generation.prefill`);
 - ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
   divided by their number, after 5 untimed steps; periodic re-clustering is included. Before the

@@ -26,6 +26,8 @@ def snapkv_evict(
     Returns ``(keys, values, log_counts, scores)`` (the kept entries' raw, unpooled scores).
     """
     batch, heads, length = scores.shape
+    if length == 0:  # nothing to pool (avg_pool1d rejects an empty row)
+        return keys, values, log_counts, scores
     pooled = F.avg_pool1d(
         scores.reshape(batch * heads, 1, length), pool, stride=1, padding=pool // 2, count_include_pad=False
     ).reshape(batch, heads, length)
