@@ -1,4 +1,4 @@
-"""The ``chelsea`` command: ``demo``, ``generate``, ``eval``, ``report``, ``analyze``, ``bench`` and ``models``."""
+"""The ``chelsea`` command: ``demo``, ``generate``, ``eval``, ``report``, ``analyze``, ``bench``, ``serve`` and ``models``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,38 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="Compression of every request unless it asks for another (extra body field chelsea.method).")] = "guided",
+    ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1) (per request: chelsea.ratio).")] = 0.8,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more are answered 429.")] = 16,
+    reuse_gib: Annotated[float, typer.Option("--reuse-gib", help="KV memory for compressed documents kept for reuse (least recently used go first).")] = 8.0,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve the model over HTTP with the OpenAI API shape; compressed documents are reused."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise ChelseaError(f"chelsea serve needs fastapi and uvicorn ({err.name} is missing): pip install 'chelsea[serve]'") from err
+    from .generation import METHODS
+    from .serve import Engine, create_app
+    from .models import load_model
+
+    if method not in METHODS or method == "clustergen":
+        raise ChelseaError(f"--method must be one of {', '.join(m for m in METHODS if m != 'clustergen')}; got {method!r}")
+    CompressionConfig(ratio=ratio)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,
+                    reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit)
+    uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -1,0 +1,149 @@
+"""`chelsea serve` through the official openai client: a real server on a free local port, a tiny model."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chelsea.serve import Engine, create_app
+
+NAME = "tiny"
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"chelsea_{name} ")))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(model, tokenizer, method="guided", ratio=0.8, max_queue=4, max_tokens_limit=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, NAME), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield base, engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+DOC = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog number {i * 7}." for i in range(14))
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(f"{server[0]}/health").json()["status"] == "ok"
+    assert "# TYPE chelsea_requests_total counter" in httpx.get(f"{server[0]}/metrics").text
+
+
+def test_chat_streaming_gives_the_same_text_as_non_streaming(client):
+    messages = [{"role": "user", "content": DOC + "\n\nWhich number follows line 3?"}]
+    whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12)
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens <= 12
+    parts = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_completions_and_per_request_method(client):
+    a = client.completions.create(model=NAME, prompt=DOC, max_tokens=8, extra_body={"chelsea": {"method": "full"}})
+    b = client.completions.create(model=NAME, prompt=DOC, max_tokens=8, extra_body={"chelsea": {"method": "chelsea", "ratio": 0.5}})
+    assert a.choices[0].text is not None and b.choices[0].text is not None
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens > 200
+
+
+def test_concurrent_requests_answer_as_one_at_a_time(client):
+    prompts = [f"{DOC}\n\nQuestion {i}: what is line {i}?" for i in range(3)]
+    one = [client.completions.create(model=NAME, prompt=p, max_tokens=10).choices[0].text for p in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda p: client.completions.create(model=NAME, prompt=p, max_tokens=10).choices[0].text, prompts))
+    assert together == one
+
+
+def test_a_registered_document_is_prefilled_once(server, client):
+    base, engine = server
+    doc = httpx.post(f"{base}/v1/documents", json={"text": DOC}).json()
+    assert doc["tokens"] > 200 and doc["kv_bytes"] > 0
+    prefills = _metric(base, "prefills_total")
+    answers = []
+    for question in ("Which number follows line 3?", "What jumps?"):
+        reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}], max_tokens=8,
+                                               extra_body={"chelsea": {"document": doc["id"]}})
+        answers.append(reply.choices[0].message.content)
+    assert _metric(base, "prefills_total") == prefills  # neither question prefilled the document again
+    assert _metric(base, "document_hits_total") >= 2
+    # a prompt that starts with the document's exact tokens finds it too
+    ids = engine.documents[doc["id"]].ids
+    prompt = engine.tokenizer.decode(ids, skip_special_tokens=False) + " And then?"
+    if engine.completion_ids(prompt, None)[: len(ids)] == ids:
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=4)
+        assert _metric(base, "prefills_total") == prefills
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "chelsea": {"ratio": 1.5}}, 400, "chelsea.ratio"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "chelsea": {"method": "magic"}}, 400, "chelsea.method"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "chelsea": {"document": "doc-999"}}, 404, "chelsea.document"),
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "surprise": 1}, 400, "surprise"),
+    ({"model": NAME, "messages": []}, 400, "messages"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+])
+def test_bad_input_gets_an_openai_error_and_the_server_lives_on(server, body, status, param):
+    base, _ = server
+    response = httpx.post(f"{base}/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["param"] == param
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_malformed_json_is_a_400(server):
+    response = httpx.post(f"{server[0]}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_overload_is_answered_429_and_the_queue_drains(server):
+    base, engine = server
+    gate, generate = threading.Event(), engine._generate
+    engine._generate = lambda job: (gate.wait(30), generate(job))  # the worker is busy until the gate opens
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 2}
+    pool = ThreadPoolExecutor(engine.jobs.maxsize + 1)
+    try:
+        waiting = [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60) for _ in range(engine.jobs.maxsize + 1)]
+        for _ in range(400):  # one request in the worker, the queue full behind it
+            if engine.jobs.qsize() == engine.jobs.maxsize:
+                break
+            time.sleep(0.025)
+        response = httpx.post(f"{base}/v1/completions", json=body)
+        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        gate.set()
+        engine._generate = generate
+    assert all(f.result().status_code == 200 for f in waiting)
+    pool.shutdown()
