@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chelsea.attention import weighted_attention
-from chelsea.kernels import decode_attention
+from chelsea.attention import decode_attention, weighted_attention
 from cuda_timing import median_seconds as timed
 
 PRESETS = {"llama3-8b": (32, 8, 128), "mistral-7b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}

@@ -9,7 +9,7 @@ Usage: PYTHONPATH=src python3 scripts/kernel_sweep.py [NxB ...]   e.g. 6592x4
 import itertools, torch, sys
 sys.path.insert(0, "benchmarks")
 from decode_kernel import copy_bandwidth
-from chelsea.kernels import decode_attention
+from chelsea.attention import decode_attention
 bw = copy_bandwidth()
 print("copy GB/s", round(bw / 1e9), flush=True)
 L = 32

@@ -4,8 +4,8 @@ on the CPU it checks that the fallback is the PyTorch path itself."""
 import pytest
 import torch
 
-from chelsea.attention import weighted_attention
-from chelsea.kernels import decode_attention, kernel_applies
+from chelsea.attention import decode_attention, weighted_attention
+from chelsea.kernels import kernel_applies
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -84,6 +84,27 @@ def weighted_attention(
     return out
 
 
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    **tuning,
+) -> torch.Tensor:
+    """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
+    ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``.
+
+    The Triton kernel where :func:`chelsea.kernels.kernel_applies`, with ``tuning`` passed to
+    :func:`chelsea.kernels.run_kernel` (``splits``, ``block_n``, ``num_warps``, ``num_stages``,
+    ``target_programs``); elsewhere :func:`weighted_attention`. For the kernel benchmarks and sweeps.
+    """
+    if not kernel_applies(query, key, value):
+        return weighted_attention(query, key, value, log_counts, scale=scale)
+    return run_kernel(query, key, value, log_counts, scale=scale, **tuning)
+
+
 @torch.compiler.disable  # the cache layer's attend() clusters on the host; see ClusteredCache.update
 def chelsea_attention_forward(
     module: torch.nn.Module,

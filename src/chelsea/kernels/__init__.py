@@ -1,6 +1,6 @@
 """GPU kernels (Triton). Each has a PyTorch path that gives the same results on the CPU."""
 
-from .decode_attention import decode_attention, kernel_applies, run_kernel
+from .decode_attention import kernel_applies, run_kernel
 from .slot_write import write_slot
 
-__all__ = ["decode_attention", "kernel_applies", "run_kernel", "write_slot"]
+__all__ = ["kernel_applies", "run_kernel", "write_slot"]

@@ -7,9 +7,10 @@ keeps an online softmax (running max, sum and weighted values) and a second smal
 the parts. Each entry's log-count is added to its logit; ``-inf`` hides an entry. The last
 ``q_len`` entries are the new tokens themselves and are attended causally.
 
-:func:`decode_attention` takes and returns the same tensors as
-:func:`chelsea.attention.weighted_attention` and falls back to it where the kernel does not apply
-(no CUDA, Triton missing, head sizes that are not a power of two, more than 16 query tokens).
+:func:`run_kernel` takes and returns the same tensors as
+:func:`chelsea.attention.weighted_attention`, which calls it where :func:`kernel_applies` (CUDA,
+Triton present, head sizes that are powers of two, at most 16 query tokens) and otherwise runs
+the PyTorch path; this module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ if triton is not None:
 
 
 def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` runs the Triton kernel for these tensors."""
+    """Whether the Triton kernel (:func:`run_kernel`) takes these tensors."""
     dim, dim_v = key.shape[-1], value.shape[-1]
     pow2 = lambda x: x >= 16 and (x & (x - 1)) == 0  # noqa: E731
     return (
@@ -117,28 +118,6 @@ def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
         and pow2(dim_v)
         and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
-
-
-def decode_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    log_counts: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-    **tuning,
-) -> torch.Tensor:
-    """Weighted attention of a few new tokens, ``query`` ``[B, Hq, q, D]``, over ``key``/``value``
-    ``[B, H, n, D]`` with ``log_counts`` ``[B, H or 1, n]``. Returns ``[B, Hq, q, Dv]``.
-
-    Runs the kernel where :func:`kernel_applies`, else the PyTorch path. ``tuning`` goes to
-    :func:`run_kernel` (``splits``, ``block_n``, ``num_warps``, ``num_stages``, ``target_programs``).
-    """
-    if not kernel_applies(query, key, value):
-        from ..attention import weighted_attention
-
-        return weighted_attention(query, key, value, log_counts, scale=scale)
-    return run_kernel(query, key, value, log_counts, scale=scale, **tuning)
 
 
 def run_kernel(
