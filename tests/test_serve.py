@@ -147,3 +147,29 @@ def test_overload_is_answered_429_and_the_queue_drains(server):
         engine._generate = generate
     assert all(f.result().status_code == 200 for f in waiting)
     pool.shutdown()
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
+    base, engine = server
+    forward = engine.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = slow
+    try:
+        before = _metric(base, "generated_tokens_total")
+        body = {"model": NAME, "prompt": DOC, "max_tokens": 60, "stream": True,
+                "chelsea": {"method": "full"}}  # full: no token ends the reply early by compression
+        with httpx.stream("POST", f"{base}/v1/completions", json=body) as response:
+            next(response.iter_lines())  # the first event, then hang up
+        for _ in range(200):  # until the worker is done with it (60 tokens would take 3 s)
+            time.sleep(0.05)
+            if _metric(base, "active_requests") == 0 and engine.jobs.qsize() == 0:
+                break
+        produced = _metric(base, "generated_tokens_total") - before
+        assert produced < 40
+        assert httpx.get(f"{base}/health").status_code == 200
+    finally:
+        engine.model.forward = forward

@@ -98,6 +98,7 @@ class Engine:
         self.counters = {"requests_total": 0, "prefills_total": 0, "document_hits_total": 0, "generated_tokens_total": 0,
                          "rejected_total": 0}
         self._ids = itertools.count(1)
+        self.active = 0  # requests being generated now (the worker runs one at a time)
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, daemon=True, name="chelsea-serve-worker")
         self._worker.start()
@@ -177,6 +178,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             job = self.jobs.get()
+            self.active = 1
             try:
                 with torch.inference_mode():
                     if job.register:
@@ -185,6 +187,8 @@ class Engine:
                         self._generate(job)
             except Exception as err:  # noqa: BLE001 - any failure goes back to its request, the worker lives on
                 job.tokens.put(err if isinstance(err, ServeError) else ServeError(500, f"generation failed: {err}", kind="server_error"))
+            finally:
+                self.active = 0
 
     def _new_cache(self, method: str, ratio: float):
         use_method(self.model, method)
@@ -249,7 +253,7 @@ class Engine:
 
     def metrics(self) -> str:
         lines = []
-        values = {**self.counters, "queue_depth": self.jobs.qsize(), "documents": len(self.documents),
+        values = {**self.counters, "queue_depth": self.jobs.qsize(), "active_requests": self.active, "documents": len(self.documents),
                   "document_kv_bytes": sum(d.nbytes for d in self.documents.values())}
         for name, value in values.items():
             kind = "counter" if name.endswith("_total") else "gauge"
@@ -321,16 +325,18 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def tokens(job: Job, request: Request):
         """The job's token ids as they come; stops the job if the client goes away."""
         loop = asyncio.get_running_loop()
-        while True:
-            item = await loop.run_in_executor(None, job.tokens.get)
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if await request.is_disconnected():
-                job.cancelled.set()
-                return
+        try:
+            while True:
+                item = await loop.run_in_executor(None, job.tokens.get)
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if await request.is_disconnected():
+                    return
+        finally:  # also when the response stops being read (the client went away): the worker stops
+            job.cancelled.set()
 
     def respond(job: Job, request: Request, stream: bool, chat: bool):
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{next(engine._ids)}"
@@ -345,8 +351,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if stream:
             async def events():
                 ids, sent = [], ""
+                stream = tokens(job, request)
                 try:
-                    async for token in tokens(job, request):
+                    async for token in stream:
                         ids.append(token)
                         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
                         piece, sent = text[len(sent):], text
@@ -360,6 +367,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     yield f"data: {json.dumps(end)}\n\n"
                 except ServeError as err:
                     yield f"data: {json.dumps(err.body())}\n\n"
+                finally:
+                    await stream.aclose()  # sets the job's cancel flag if it is still running
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
