@@ -89,12 +89,11 @@ def serve(
         import uvicorn
     except ImportError as err:
         raise ChelseaError(f"chelsea serve needs fastapi and uvicorn ({err.name} is missing): pip install 'chelsea[serve]'") from err
-    from .generation import METHODS
-    from .serve import Engine, create_app
     from .models import load_model
+    from .serve import SERVABLE_METHODS, Engine, create_app
 
-    if method not in METHODS or method == "clustergen":
-        raise ChelseaError(f"--method must be one of {', '.join(m for m in METHODS if m != 'clustergen')}; got {method!r}")
+    if method not in SERVABLE_METHODS:
+        raise ChelseaError(f"--method must be one of {', '.join(SERVABLE_METHODS)}; got {method!r}")
     CompressionConfig(ratio=ratio)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,

@@ -247,10 +247,7 @@ def _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens) -
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        if getattr(cache, "scores_importance", False):
-            logits = compress_context(model, cache, inputs["input_ids"], tokenizer, attention_mask=inputs.get("attention_mask"))
-        else:
-            logits = prefill(model, inputs["input_ids"], cache, attention_mask=inputs.get("attention_mask"))
+        logits = compress_context(model, cache, inputs["input_ids"], tokenizer, attention_mask=inputs.get("attention_mask"))
         token = logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         first = time.perf_counter()

@@ -41,6 +41,8 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
+from .methods._attention_scores import probability_blocks
+from .prompts import chat_frame
 
 OBSERVATION_WINDOW = 32
 SURPRISE_SCALE = 10.0  # nats: a token this unexpected (a random digit, say) gets the full weight
@@ -63,30 +65,16 @@ class Reconstruction:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts, scale, scores: torch.Tensor):
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
         the largest attention each chunk entry (and sink) receives."""
-        batch, heads, m, dim = query.shape
-        kv_heads = key.shape[1]
-        groups = heads // kv_heads
-        scale = dim**-0.5 if scale is None else scale
+        batch, heads, m = query.shape[:3]
         sinks = min(self.sinks, self.lo)
         index = torch.cat([torch.arange(sinks), torch.arange(self.lo, self.hi), torch.arange(self.context, key.shape[2])]).to(key.device)
         k = key.index_select(2, index)
         v = value.index_select(2, index)
-        bias = None if log_counts is None else log_counts.index_select(-1, index).float()
-        visible = index.shape[0]
-        old = visible - m
-        cols = torch.arange(visible, device=key.device)
-        best = torch.zeros(batch, kv_heads, old, dtype=torch.float32, device=key.device)
+        bias = None if log_counts is None else log_counts.index_select(-1, index)
+        old = index.shape[0] - m
+        best = torch.zeros(batch, key.shape[1], old, dtype=torch.float32, device=key.device)
         outs = []
-        block = max(1, self.max_block_bytes // max(1, batch * heads * visible * 4))
-        for first in range(0, m, block):
-            last = min(m, first + block)
-            q = query[:, :, first:last].float().view(batch, kv_heads, groups, last - first, dim)
-            logits = q @ k.float().transpose(-1, -2)[:, :, None] * scale  # [B, KVH, G, rows, visible]
-            if bias is not None:
-                logits = logits + bias[:, :, None, None, :]
-            rows = torch.arange(first, last, device=key.device) + old
-            logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-            probs = logits.softmax(-1)
+        for first, last, probs in probability_blocks(query, k, bias, scale=scale, max_block_bytes=self.max_block_bytes):
             best = torch.maximum(best, probs[..., :old].amax(dim=(2, 3)))
             if self.view == "local":
                 outs.append((probs @ v.float()[:, :, None]).view(batch, heads, last - first, -1))
@@ -97,20 +85,12 @@ class Reconstruction:
         return weighted_attention(query, key, value, log_counts, scale=scale)
 
 
-def _chat_reply_start(tokenizer) -> str:
-    """What the chat template puts between a user turn's text and the assistant's reply ("\\n" without one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "\n"
-    mark = "\u2063END\u2063"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x" + mark}], add_generation_prompt=True, tokenize=False)
-    return rendered.split(mark, 1)[1]
-
-
 def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overlap: int = 8) -> list[tuple[int, int, torch.Tensor]]:
     """``(lo, hi, ids)`` per chunk: the instruction to repeat, the last ``overlap`` tokens before
     the chunk (where it starts), the chat template's start of a reply, then the chunk."""
     ask = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
-    reply = tokenizer(_chat_reply_start(tokenizer), add_special_tokens=False, return_tensors="pt").input_ids
+    reply_start = chat_frame(tokenizer)[1] or "\n"  # the template's end of a user turn and start of a reply
+    reply = tokenizer(reply_start, add_special_tokens=False, return_tensors="pt").input_ids
     rows, n = context_ids.shape
     out = []
     for lo in range(0, n, chunk_size):

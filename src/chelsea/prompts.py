@@ -34,6 +34,17 @@ class Prompt:
     answer_prefix: str = ""
 
 
+def chat_frame(tokenizer) -> tuple[str, str]:
+    """The chat template's text before and after one user message, the assistant's turn opened
+    (``("", "")`` for a tokenizer without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    mark = "\u2063MESSAGE\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False)
+    head, tail = rendered.split(mark, 1)
+    return head, tail
+
+
 def find_haystack(path: str | os.PathLike | None = None) -> Path | None:
     """The haystack folder: ``path``, else ``$CHELSEA_HAYSTACK``, else the packaged essays
     (``None`` only when a broken install lost them; an explicit path must exist)."""

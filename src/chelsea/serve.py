@@ -46,9 +46,11 @@ from .config import CompressionConfig
 from .errors import ChelseaError
 from .generation import METHODS, make_cache, use_method
 from .importance import compress_context
+from .prompts import chat_frame
 from .support import check_prompt_length
 
-CONTEXT_MARK = "\u2063DOCUMENT\u2063"
+
+SERVABLE_METHODS = tuple(m for m in METHODS if m != "clustergen")  # clustergen takes no ratio
 
 
 class ServeError(Exception):
@@ -110,8 +112,8 @@ class Engine:
         method, ratio, document = extra.pop("method", self.method), extra.pop("ratio", self.ratio), extra.pop("document", None)
         if extra:
             raise ServeError(400, f"unknown chelsea settings: {', '.join(sorted(extra))} (known: method, ratio, document)", param="chelsea")
-        if method not in METHODS or method == "clustergen":
-            raise ServeError(400, f"method must be one of {', '.join(m for m in METHODS if m != 'clustergen')}; got {method!r}", param="chelsea.method")
+        if method not in SERVABLE_METHODS:
+            raise ServeError(400, f"method must be one of {', '.join(SERVABLE_METHODS)}; got {method!r}", param="chelsea.method")
         try:
             CompressionConfig(ratio=ratio)
         except ChelseaError as err:
@@ -146,21 +148,14 @@ class Engine:
 
     # Prompts ------------------------------------------------------------------------------------
 
-    def _chat_frame(self) -> tuple[str, str]:
-        """The chat template before and after a user message's text (empty without a template)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return "", ""
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": CONTEXT_MARK}], add_generation_prompt=True, tokenize=False)
-        return tuple(rendered.split(CONTEXT_MARK, 1))
-
     def document_ids(self, text: str) -> list[int]:
         """A document as the start of a user message (so a question about it can follow)."""
-        head, _ = self._chat_frame()
+        head, _ = chat_frame(self.tokenizer)
         return self.tokenizer(head + text, add_special_tokens=not head).input_ids
 
     def chat_ids(self, messages: list[dict], document: str | None) -> list[int]:
         if document is not None:  # the document opens the first user message; the rest follows it
-            _, tail = self._chat_frame()
+            _, tail = chat_frame(self.tokenizer)
             question = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
             return self.documents[document].ids + self.tokenizer("\n\n" + question + tail, add_special_tokens=False).input_ids
         if getattr(self.tokenizer, "chat_template", None):
@@ -194,15 +189,14 @@ class Engine:
         use_method(self.model, method)
         return make_cache(method, CompressionConfig(ratio=ratio) if method != "full" else None)
 
-    def _prefill(self, cache, ids: torch.Tensor, method: str):
+    def _prefill(self, cache, ids: torch.Tensor):
+        """Prefill and compress (scored first for importance-ranked methods; any cache works)."""
         self.counters["prefills_total"] += 1
-        if method == "full":
-            return self.model(ids, **cache_arg(self.model, cache), use_cache=True, logits_to_keep=1).logits
         return compress_context(self.model, cache, ids, self.tokenizer)
 
     def _register(self, job: Job) -> str:
         cache = self._new_cache(job.method, job.ratio)
-        self._prefill(cache, torch.tensor([job.ids], device=self.model.device), job.method)
+        self._prefill(cache, torch.tensor([job.ids], device=self.model.device))
         nbytes = _cache_bytes(cache)
         name = f"doc-{next(self._ids)}"
         self.documents[name] = Document(job.ids, job.method, job.ratio, cache, nbytes)
@@ -234,7 +228,7 @@ class Engine:
             logits = self.model(rest, **cache_arg(self.model, cache), use_cache=True, logits_to_keep=1).logits
         else:
             cache = self._new_cache(job.method, job.ratio)
-            logits = self._prefill(cache, torch.tensor([job.ids], device=device), job.method)
+            logits = self._prefill(cache, torch.tensor([job.ids], device=device))
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         token = int(logits[0, -1].argmax())

@@ -7,7 +7,47 @@ the queries and over the query heads that share each KV head.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+
+def probability_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    first: int = 0,
+    max_block_bytes: int = 1 << 30,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Softmax attention of queries ``first:`` in blocks: ``(start, stop, probs)`` with ``probs``
+    ``[batch, kv_heads, groups, stop - start, n]`` float32.
+
+    ``query`` ``[batch, heads, q, d]`` are the newest ``q`` entries of ``key`` ``[batch, kv_heads, n, d]``
+    and attend causally, with each entry's log-count added to its logit. A block holds at most
+    ``max_block_bytes`` of probabilities.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    keys = key.float().transpose(-1, -2)  # [B, KVH, d, n]
+    bias = None if log_counts is None else log_counts.float()[:, :, None, None, :]  # [B, KVH|1, 1, 1, n]
+    cols = torch.arange(n, device=key.device)
+    block = max(1, max_block_bytes // max(1, batch * heads * n * 4))
+    for start in range(first, q_len, block):
+        stop = min(q_len, start + block)
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
+        logits = torch.matmul(q, keys[:, :, None]) * scale  # [B, KVH, G, rows, n]
+        if bias is not None:
+            logits = logits + bias
+        rows = torch.arange(start, stop, device=key.device) + (n - q_len)
+        future = cols[None, :] > rows[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+        # A padding query sees only -inf; it still sees itself, so its row stays finite.
+        logits = logits.masked_fill((cols[None, :] == rows[:, None]) & logits.isneginf(), 0.0)
+        yield start, stop, logits.softmax(-1)
 
 
 def attention_mass(
@@ -25,26 +65,9 @@ def attention_mass(
     and attend causally. Queries are processed in blocks so no more than ``max_block_bytes`` of
     probabilities exist at once.
     """
-    batch, heads, q_len, dim = query.shape
-    kv_heads, n = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    scale = dim**-0.5 if scale is None else scale
+    q_len = query.shape[2]
     first = 0 if last is None else max(0, q_len - last)
-    keys = key.float().transpose(-1, -2)  # [B, KVH, d, n]
-    bias = None if log_counts is None else log_counts.float()[:, :, None, None, :]  # [B, KVH|1, 1, 1, n]
-    cols = torch.arange(n, device=key.device)
-    mass = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=key.device)
-    block = max(1, max_block_bytes // max(1, batch * heads * n * 4))
-    for start in range(first, q_len, block):
-        stop = min(q_len, start + block)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = torch.matmul(q, keys[:, :, None]) * scale  # [B, KVH, G, rows, n]
-        if bias is not None:
-            logits = logits + bias
-        rows = torch.arange(start, stop, device=key.device) + (n - q_len)
-        future = cols[None, :] > rows[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
-        # A padding query sees only -inf; it still sees itself, so its row stays finite.
-        logits = logits.masked_fill((cols[None, :] == rows[:, None]) & logits.isneginf(), 0.0)
-        mass += logits.softmax(-1).sum(dim=(2, 3))
+    mass = torch.zeros(key.shape[0], key.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
+    for _, _, probs in probability_blocks(query, key, log_counts, scale=scale, first=first, max_block_bytes=max_block_bytes):
+        mass += probs.sum(dim=(2, 3))
     return mass

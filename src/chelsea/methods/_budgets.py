@@ -33,10 +33,11 @@ def layer_shares(region_scores: list[torch.Tensor], keep: int, floor: float = 0.
     if total >= sum(caps):
         return caps
     heads = [s.shape[1] for s in region_scores]
-    flat = torch.cat([s.float().flatten(1) for s in region_scores], dim=1)  # [batch, all entries]
+    flats = [s.float().flatten(1) for s in region_scores]  # [batch, the layer's entries]
+    flat = torch.cat(flats, dim=1)
     slots = sum(keep * h for h in heads)
     threshold = flat.topk(min(slots, flat.shape[1]), dim=1).values[:, -1:]  # [batch, 1]
-    wanted = [((s.float().flatten(1) >= threshold).sum(1).float().mean() / h).item() for s, h in zip(region_scores, heads)]
+    wanted = [((f >= threshold).sum(1).float().mean() / h).item() for f, h in zip(flats, heads)]
     least = math.ceil(floor * keep)
     spare = total - least * layers
     weight = [max(0.0, w - least) for w in wanted]

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def region_bounds(length: int, sink_tokens: int, window: int) -> tuple[int, int]:
+    """``(start, end)`` of the entries between the protected sinks and recent window."""
+    start = min(sink_tokens, length)
+    return start, max(start, length - window)
+
+
 def evict_lowest(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -21,7 +27,7 @@ def evict_lowest(
     Returns the kept ``keys``, ``values``, ``log_counts`` and each of ``extra`` (per-entry tensors
     ``[B, H, seq, ...]`` that travel with the entries)."""
     length = keys.shape[2]
-    start, end = min(sink_tokens, length), max(min(sink_tokens, length), length - window)
+    start, end = region_bounds(length, sink_tokens, window)
     n_remove = min(max(0, int(n_remove)), end - start)
     if n_remove == 0:
         return (keys, values, log_counts, *extra)

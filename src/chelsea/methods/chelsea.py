@@ -39,6 +39,7 @@ import math
 import torch
 
 from ..kernels import soft_matching as soft_matching_kernels
+from ._eviction import region_bounds
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,7 +197,7 @@ def chunked_soft_matching(
     if sink_tokens < 0 or window < 0:
         raise ValueError(f"sink_tokens and window must be >= 0, got {sink_tokens} and {window}")
     length = keys.shape[2]
-    start, end = min(sink_tokens, length), max(min(sink_tokens, length), length - window)
+    start, end = region_bounds(length, sink_tokens, window)
     region = [t[:, :, start:end] for t in (keys, values, log_counts)]
     remaining = max(0, int(n_remove))
     while remaining > 0:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from ._eviction import evict_lowest
+from ._eviction import evict_lowest, region_bounds
+from .chelsea import _compute_dtype
 
 MERGE_MODES = ("centroid", "values")
 
@@ -90,7 +91,7 @@ def guided_merge(
     if not 0.0 <= exact_share <= 1.0:
         raise ValueError(f"exact_share must be in [0, 1]; got {exact_share}")
     length = keys.shape[2]
-    start, end = min(sink_tokens, length), max(min(sink_tokens, length), length - window)
+    start, end = region_bounds(length, sink_tokens, window)
     n_remove = min(max(0, int(n_remove)), end - start)
     if n_remove == 0:
         return keys, values, log_counts, scores
@@ -102,7 +103,7 @@ def guided_merge(
     exact = _exact_mask(region, kept, exact_share)
     reps = kept & ~exact
 
-    work = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    work = _compute_dtype(keys.dtype)
     r_keys, r_values, r_counts = (t[:, :, start:end] for t in (keys, values, log_counts))
     best, target = _nearest_representative(r_keys, reps, neighbourhood)
     joins = ~kept & (best >= min_similarity) & r_counts.isfinite()
