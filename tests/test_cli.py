@@ -158,3 +158,13 @@ def test_bench_max_batch_search(tiny_model_dir, tmp_path):
     records = json.loads(out_file.read_text())
     assert [(r["method"], r["batch"], r["search"]) for r in records] == [("full", 3, "largest_batch"), ("chelsea", 3, "largest_batch")]
     assert records[1]["throughput_vs_full"] > 0 and records[0]["world_size"] == 1
+
+
+def test_benchmark_loading_pairs_presets_with_a_tokenizer_folder(tiny_model_dir):
+    from chelsea.bench import load_with_tokenizer
+    from chelsea.errors import ChelseaError
+
+    with pytest.raises(ChelseaError, match="has no tokenizer"):
+        load_with_tokenizer("qwen2.5-0.5b")
+    model, tokenizer = load_with_tokenizer(str(tiny_model_dir), str(tiny_model_dir))
+    assert tokenizer("hello").input_ids and model.config.num_hidden_layers >= 1

@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chelsea.engine import Job, ServeError
 from chelsea.serve import Engine, create_app
 
 NAME = "tiny"
@@ -44,6 +45,7 @@ def server(tiny_model_dir):
     yield base, engine
     srv.should_exit = True
     thread.join(timeout=10)
+    engine.close()
 
 
 @pytest.fixture
@@ -82,6 +84,96 @@ def test_concurrent_requests_answer_as_one_at_a_time(client):
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(lambda p: client.completions.create(model=NAME, prompt=p, max_tokens=10).choices[0].text, prompts))
     assert together == one
+
+
+def test_concurrent_requests_are_decoded_in_one_batch(server):
+    """Four requests of 12 tokens, held until all are queued: far fewer decoding steps than tokens,
+    and each answer equals the one it gets alone (every method, full included)."""
+    base, engine = server
+    jobs = [Job(engine.completion_ids(f"{DOC}\n\nQuestion {i}:", None), method, 0.5, 12, ignore_eos=True)
+            for i in range(2) for method in ("chelsea", "full")]
+
+    def run(job):
+        out = []
+        while (token := job.tokens.get(timeout=120)) is not None:
+            out.append(token)
+        return out
+
+    alone = [run(engine.submit(Job(j.ids, j.method, j.ratio, j.max_tokens, ignore_eos=True))) for j in jobs]
+    gate, entered, start = threading.Event(), threading.Event(), engine._start
+    engine._start = lambda job: (entered.set(), gate.wait(30), start(job))
+    try:
+        engine.submit(jobs[0])
+        assert entered.wait(60)  # the first job is held in the worker; the rest queue behind it
+        for job in jobs[1:]:
+            engine.submit(job)
+        steps = _metric(base, "decode_steps_total")
+    finally:
+        gate.set()
+        engine._start = start
+    together = [run(job) for job in jobs]
+    assert together == alone and all(len(t) == 12 for t in together)
+    # two batches (chelsea, full) of 2 rows: 2 x 11 steps (one more while the others are admitted);
+    # one at a time would take 4 x 11
+    assert _metric(base, "decode_steps_total") - steps <= 2 * 11 + 1
+    assert _metric(base, "active_requests") == 0
+
+
+def _tokens(job):
+    out = []
+    while (token := job.tokens.get(timeout=120)) is not None:
+        out.append(token)
+    return out
+
+
+def test_questions_on_a_document_start_in_one_forward_and_answer_as_alone(server):
+    base, engine = server
+    name = engine.register_ids(engine.document_ids(DOC), "guided", 0.8)
+    ids = engine.documents[name].ids
+    questions = [engine.question_ids(f"Which number follows line {i}?") for i in (1, 2, 3)]
+    assert len({len(q) for q in questions}) == 1
+    make = lambda q: Job(ids + q, "guided", 0.8, 10, document=name, ignore_eos=True)  # noqa: E731
+    alone = [_tokens(engine.submit(make(q))) for q in questions]
+    groups, start, gate, entered = [], engine._start_on_document, threading.Event(), threading.Event()
+
+    def held(doc, jobs):
+        entered.set()
+        gate.wait(30)
+        groups.append(len(jobs))
+        return start(doc, jobs)
+
+    engine._start_on_document = held
+    try:
+        first = engine.submit(make(questions[0]))
+        assert entered.wait(60)  # the first is held in the worker; the others queue behind it
+        rest = [engine.submit(make(q)) for q in questions[1:]]
+    finally:
+        gate.set()
+    together = [_tokens(job) for job in (first, *rest)]
+    engine._start_on_document = start
+    assert together == alone
+    assert groups == [1, 2]  # the two that waited together were read in one forward pass
+
+
+def test_a_document_is_read_with_the_method_it_was_compressed_with(server):
+    base, engine = server
+    name = engine.register_ids(engine.document_ids("A short document."), "chelsea", 0.5)
+    body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "chelsea": {"document": name, "method": "kvzip"}}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body)
+    assert response.status_code == 400 and "compressed with chelsea" in response.json()["error"]["message"]
+
+
+def test_close_finishes_the_queued_requests_then_refuses_new_ones(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), method="chelsea", ratio=0.5, max_queue=4)
+    ids = engine.completion_ids(DOC, None)
+    jobs = [engine.submit(Job(ids, "chelsea", 0.5, 5, ignore_eos=True)) for _ in range(3)]
+    engine.close()
+    assert not engine._worker.is_alive()
+    assert [len(_tokens(job)) for job in jobs] == [5, 5, 5]
+    with pytest.raises(ServeError) as refused:
+        engine.submit(Job(ids, "chelsea", 0.5, 5))
+    assert refused.value.status == 503
 
 
 def test_a_registered_document_is_prefilled_once(server, client):
@@ -130,13 +222,15 @@ def test_malformed_json_is_a_400(server):
 
 def test_overload_is_answered_429_and_the_queue_drains(server):
     base, engine = server
-    gate, generate = threading.Event(), engine._generate
-    engine._generate = lambda job: (gate.wait(30), generate(job))  # the worker is busy until the gate opens
+    gate, entered, start = threading.Event(), threading.Event(), engine._start
+    engine._start = lambda job: (entered.set(), gate.wait(30), start(job))  # the worker is busy until the gate opens
     body = {"model": NAME, "prompt": "hi", "max_tokens": 2}
     pool = ThreadPoolExecutor(engine.jobs.maxsize + 1)
     try:
-        waiting = [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60) for _ in range(engine.jobs.maxsize + 1)]
-        for _ in range(400):  # one request in the worker, the queue full behind it
+        waiting = [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)]
+        assert entered.wait(60)  # one request in the worker; now fill the queue behind it
+        waiting += [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60) for _ in range(engine.jobs.maxsize)]
+        for _ in range(400):
             if engine.jobs.qsize() == engine.jobs.maxsize:
                 break
             time.sleep(0.025)
@@ -144,7 +238,7 @@ def test_overload_is_answered_429_and_the_queue_drains(server):
         assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
     finally:
         gate.set()
-        engine._generate = generate
+        engine._start = start
     assert all(f.result().status_code == 200 for f in waiting)
     pool.shutdown()
 

@@ -58,10 +58,29 @@ PRESETS = {
     "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                   num_key_value_heads=8, vocab_size=32768, max_position_embeddings=131072, sliding_window=None,
                                   rope_theta=1000000.0)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+                                  tie_word_embeddings=True, use_sliding_window=False)),
     "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0,
                                 use_sliding_window=False)),
 }
+
+
+def load_with_tokenizer(name: str, tokenizer: str | None = None):
+    """``(model, tokenizer)`` for the standalone benchmarks: a preset with random weights (which
+    has no tokenizer of its own: ``tokenizer`` names a tokenizer folder) or a model as
+    :func:`chelsea.models.load_model` takes it (``tokenizer``, if given, replaces its own)."""
+    from transformers import AutoTokenizer
+
+    if name in PRESETS:
+        if not tokenizer:
+            raise ChelseaError(f"the preset {name} has no tokenizer: pass a tokenizer folder (--tokenizer DIR)")
+        return load_bench_model(name), AutoTokenizer.from_pretrained(tokenizer)
+    from .models import load_model
+
+    model, own = load_model(name)
+    return model, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else own
 
 
 def load_bench_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):

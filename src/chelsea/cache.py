@@ -61,7 +61,7 @@ class _CompressedLayer(CacheLayerMixin):
     """What both layer types share: positions from tokens seen, the append, the attention guard.
 
     Keys and values live in preallocated buffers ``[batch, kv_heads, capacity, head_dim]`` that grow
-    by half when full; ``keys``/``values`` are views of the filled part. Appending writes in place,
+    by an eighth when full; ``keys``/``values`` are views of the filled part. Appending writes in place,
     so a decoding step copies one token per layer, not the whole cache.
     """
 
@@ -117,10 +117,12 @@ class _CompressedLayer(CacheLayerMixin):
             setattr(self, name, buf)
 
     def _reserve(self, needed: int) -> None:
-        """Make every buffer hold at least ``needed`` entries (grow by half, keep the filled part)."""
+        """Make every buffer hold at least ``needed`` entries, keeping the filled part. Growth is by
+        an eighth (at least 64 entries): a long batch that decodes a few tokens must not claim half
+        its size again."""
         capacity = self._key_buf.shape[2]
         if needed > capacity:
-            self._reallocate(max(needed, capacity + capacity // 2, 64), self._entries())
+            self._reallocate(max(needed, capacity + max(capacity // 8, 64)), self._entries())
 
     def _entries(self) -> tuple[torch.Tensor, ...]:
         """The filled part of every buffer: keys, values (and log-counts, scores where kept)."""
@@ -230,6 +232,7 @@ class ClusteredLayer(_CompressedLayer):
         super().__init__(config)
         self.compressor = compressor
         self.since_compression = 0
+        self.row_since: torch.Tensor | None = None  # tokens since each row's last clustering, once rows were joined
         self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
         # Attention-ranked methods (H2O, SnapKV) need the attention each entry has received;
@@ -262,6 +265,8 @@ class ClusteredLayer(_CompressedLayer):
         zeros = key_states.new_zeros(key_states.shape[:3], dtype=torch.float32)
         super()._append(key_states, value_states, *([zeros] * (len(self._buffers) - 2)))
         self.since_compression += key_states.shape[2]
+        if self.row_since is not None:
+            self.row_since += key_states.shape[2]
 
     # Called by the attention function -------------------------------------------------------
 
@@ -332,7 +337,13 @@ class ClusteredLayer(_CompressedLayer):
 
     @property
     def compression_due(self) -> bool:
-        return not self.hold and (self.new_tokens > 1 or self.since_compression >= self.config.compress_every)
+        if self.hold or self.config.ratio == 0:  # ratio 0 keeps every token: nothing is ever removed
+            return False
+        if self.new_tokens > 1:
+            return True
+        if self.row_since is not None:  # joined rows keep their own schedule, as if decoded alone
+            return bool((self.row_since >= self.config.compress_every).any())
+        return self.since_compression >= self.config.compress_every
 
     def repin(self, before: int) -> None:
         """Pinned, after a clustering shrank the layer from ``before`` entries: hide the freed
@@ -410,14 +421,16 @@ class ClusteredLayer(_CompressedLayer):
 
     # Clustering ------------------------------------------------------------------------------
 
-    def budget(self, tokens: int) -> int:
-        """Entries this layer keeps after ``tokens`` tokens: the config's budget, its part
-        beyond sinks and window scaled by ``share`` (uneven layer budgets)."""
+    def budget(self, tokens: int, row: int = 0) -> int:
+        """Entries batch row ``row`` keeps after ``tokens`` tokens: the config's budget, its part
+        beyond sinks and window scaled by ``share`` (uneven layer budgets; one share per row once
+        rows compressed apart were joined, see :meth:`append_rows`)."""
         base = self.config.budget(tokens)
-        if self.share == 1.0:
+        share = self.share if isinstance(self.share, float) else float(self.share[row])
+        if share == 1.0:
             return base
         protected = self.config.sink_tokens + self.config.window
-        return min(tokens, protected + math.ceil(max(0, base - protected) * self.share))
+        return min(tokens, protected + math.ceil(max(0, base - protected) * share))
 
     def tokens_per_row(self) -> list[int]:
         """Real tokens seen by each batch row: tokens seen minus the row's padding.
@@ -432,12 +445,13 @@ class ClusteredLayer(_CompressedLayer):
         """Cluster every batch row down to its budget, ``config.budget(tokens seen by the row)``."""
         compress_together([self])
 
-    def _local_start(self) -> int:
-        """Where a decoding-time clustering starts (``config.decode_span``; 0: the whole cache)."""
+    def _local_start(self, length: int | None = None) -> int:
+        """Where a decoding-time clustering of ``length`` entries (default: all stored) starts
+        (``config.decode_span``; 0: the whole cache)."""
         span = self.config.decode_span
-        if span is None or self.new_tokens > 1 or self.compressor is not chunked_soft_matching:
+        if span is None or self.new_tokens > 1 or not getattr(self.compressor, "local_decode", False):
             return 0
-        start = self.length - self.config.window - span
+        start = (self.length if length is None else length) - self.config.window - span
         return start if start > self.config.sink_tokens else 0
 
     def _store_from(self, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -473,26 +487,89 @@ class ClusteredLayer(_CompressedLayer):
         else:
             self.skipped_compressions += 1
 
-    def _compress_padded(self) -> None:
-        """Rows with padding: cluster each row's real entries alone, then left-pad to one length."""
+    def _row_stats(self) -> torch.Tensor:
+        """Per batch row, on the layer's device: real entries stored, whether they are contiguous
+        (padding only before them, as joins and clusterings leave rows) and padding tokens seen."""
         valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
-        tokens = self.tokens_per_row()
-        entries = self._entries()
-        rows = []
-        removed = 0
-        for b in range(self.keys.shape[0]):
-            idx = valid[b].nonzero().squeeze(-1)
-            row = tuple(t[b : b + 1].index_select(2, idx) for t in entries)
-            n_remove = row[0].shape[2] - self.budget(tokens[b])
+        contiguous = (valid[:, 1:] >= valid[:, :-1]).all(-1) if self.length > 1 else valid.new_ones(valid.shape[0])
+        padding = self.row_padding.to(valid.device) if self.row_padding is not None else torch.zeros_like(contiguous, dtype=torch.long)
+        return torch.stack([valid.sum(-1), contiguous.long(), padding])
+
+    def _due_rows(self, stats: list[list[int]] | None = None) -> list[tuple[int, torch.Tensor, int, int]]:
+        """Padded rows to cluster now, each as (row, indices of its real entries, entries to
+        remove, local start as :meth:`_local_start` gives it for the row's real entries).
+
+        ``stats`` is :meth:`_row_stats` read to the host (one read for many layers); joined rows
+        (:meth:`append_rows`) are due only when their own schedule says so."""
+        stored, contiguous, padding = stats if stats is not None else self._row_stats().tolist()
+        tokens = [self.seen - p for p in padding]
+        to_remove = [n - self.budget(t, b) for b, (n, t) in enumerate(zip(stored, tokens))]
+        if self.row_since is not None:
+            due = (self.row_since >= self.config.compress_every) | (self.new_tokens > 1)
+            to_remove = [n if d else 0 for n, d in zip(to_remove, due.tolist())]
+            self.row_since[due] = 0
+        jobs = []
+        for b, n_remove in enumerate(to_remove):
             if n_remove > 0:
-                before = row[0].shape[2]
-                row = self._run(row, n_remove)
-                removed = max(removed, before - row[0].shape[2])
+                if contiguous[b]:  # the row's real entries are its last ``stored`` slots: no search
+                    idx = torch.arange(self.length - stored[b], self.length, device=self.device)
+                else:
+                    idx = (self.log_counts[b, 0] > float("-inf")).nonzero().squeeze(-1)
+                jobs.append((b, idx, n_remove, self._local_start(stored[b])))
+        return jobs
+
+    def _row(self, b: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[b : b + 1].index_select(2, idx) for t in self._entries())
+
+    def _write_row(self, b: int, row: tuple[torch.Tensor, ...]) -> None:
+        """Rewrite row ``b`` with ``row`` (no longer than the stored length), right-aligned."""
+        for name, t in zip(self._buffers, _left_padded(row, self._buffers, self.length - row[0].shape[2])):
+            getattr(self, name)[b : b + 1, :, : self.length] = t
+
+    def _compress_padded(self) -> None:
+        """Pinned rows with padding: cluster each due row's real entries alone, then rebuild the
+        rows left-padded to one length in the same buffers (unpinned layers batch their rows
+        through :func:`compress_together`)."""
+        jobs = {b: (idx, n_remove, start) for b, idx, n_remove, start in self._due_rows()}
+        if not jobs:
+            self._record(0)
+            return
+        valid = self.log_counts[:, 0] > float("-inf")
+        rows, removed = [], 0
+        for b in range(self.keys.shape[0]):
+            idx = jobs[b][0] if b in jobs else valid[b].nonzero().squeeze(-1)
+            row = self._row(b, idx)
+            if b in jobs:
+                _, n_remove, start = jobs[b]
+                out = self._run(tuple(t[:, :, start:] for t in row), n_remove, sinks=0 if start else None)
+                row = tuple(torch.cat([t[:, :, :start], o], dim=2) for t, o in zip(row, out))
+                removed = max(removed, idx.numel() - row[0].shape[2])
             rows.append(row)
         length = max(r[0].shape[2] for r in rows)
         rows = [_left_padded(r, self._buffers, length - r[0].shape[2]) for r in rows]
-        self._store(*(torch.cat([r[i] for r in rows]) for i in range(len(entries))))
+        self._store(*(torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))))
         self._record(removed)
+
+    def _drop_leading_padding(self, at_most: int | None = None) -> None:
+        """Free the leading entries that are padding in every row (the buffers shrink to fit).
+
+        ``at_most`` bounds how many there can be (the caller knows each row's length); below 64
+        nothing is looked at: a few shared padding slots are cheaper to keep than a read back
+        from the device and a copy of the whole layer after every clustering."""
+        if self.length == 0 or self.keys.shape[0] == 0:
+            return
+        if at_most is not None and at_most < 64:
+            return
+        real = (self.log_counts > float("-inf")).any(1).any(0)  # [entries]: some row stores a real entry
+        first = int(real.float().argmax()) if bool(real.any()) else self.length
+        if first:
+            for name in self._buffers:  # one buffer at a time, the old one freed before the next
+                old = getattr(self, name)
+                buf = old.new_empty((*old.shape[:2], self.length - first + 64, *old.shape[3:]))
+                buf[:, :, : self.length - first] = old[:, :, first : self.length]
+                del old
+                setattr(self, name, buf)
+            self.length -= first
 
     # Cache contract ---------------------------------------------------------------------------
 
@@ -502,6 +579,68 @@ class ClusteredLayer(_CompressedLayer):
     def _map_extra_rows(self, fn) -> None:
         if self.row_padding is not None:
             self.row_padding = fn(self.row_padding)
+        if not isinstance(self.share, float):
+            self.share = fn(self.share)
+        if self.row_since is not None:
+            self.row_since = fn(self.row_since)
+
+    # Rows that come and go (a server's running batch) ----------------------------------------
+
+    def append_rows(self, part: ClusteredLayer) -> None:
+        """Add the rows of ``part`` (same method and settings, any tokens seen, any entries) after
+        this layer's rows.
+
+        Rows that have seen fewer tokens than the other side count the difference as padding
+        tokens (never stored), so every row keeps its own token count, budget and positions
+        (:meth:`tokens_per_row`); the shorter side's entries are left-padded with log-count ``-inf``.
+        """
+        if part.pinned or self.pinned:
+            raise ChelseaError("unpin cache layers before joining their rows")
+        if not part.is_initialized:
+            raise ChelseaError("rows to join must have been prefilled")
+        if not self.is_initialized or self.keys.shape[0] == 0:
+            state = {name: getattr(part, name) for name in part._buffers}
+            self.__dict__.update({k: v for k, v in part.__dict__.items() if k not in state})
+            self._reallocate(part.length + 64, part._entries())
+            self.share = part.share if isinstance(part.share, float) else part.share.clone()
+            if part.row_padding is not None:
+                self.row_padding = part.row_padding.clone()
+            rows = part.keys.shape[0]
+            self.row_since = part.row_since.clone() if part.row_since is not None else torch.full((rows,), part.since_compression)
+            return
+        seen = max(self.seen, part.seen)
+        length = max(self.length, part.length)
+        ours, theirs = self.keys.shape[0], part.keys.shape[0]
+        for name in self._buffers:  # one buffer at a time: the old one is freed before the next is made
+            mine, other = getattr(self, name)[:, :, : self.length], getattr(part, name)[:, :, : part.length]
+            buf = mine.new_full((ours + theirs, *mine.shape[1:2], length + 64, *mine.shape[3:]), _PAD_FILL[name])
+            buf[:ours, :, length - self.length : length] = mine
+            buf[ours:, :, length - part.length : length] = other
+            del mine
+            setattr(self, name, buf)
+        padding = [self.row_padding if self.row_padding is not None else torch.zeros(ours, dtype=torch.long, device=self.device),
+                   part.row_padding.to(self.device) if part.row_padding is not None else torch.zeros(theirs, dtype=torch.long, device=self.device)]
+        self.row_padding = torch.cat([padding[0] + (seen - self.seen), padding[1] + (seen - part.seen)])
+        shares = [torch.full((n,), s, dtype=torch.float64) if isinstance(s, float) else s.cpu() for n, s in
+                  ((ours, self.share), (theirs, part.share))]
+        self.share = torch.cat(shares)
+        self.row_since = torch.cat([r if r is not None else torch.full((n,), since) for r, n, since in
+                                    ((self.row_since, ours, self.since_compression), (part.row_since, theirs, part.since_compression))])
+        self.seen, self.length = seen, length
+        self.has_merged |= part.has_merged
+        self.compressions = max(self.compressions, part.compressions)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only batch rows ``rows`` (in that order), then drop what no remaining row needs:
+        leading entries that are padding in every row, and padding tokens every row counts."""
+        index = torch.tensor(rows, dtype=torch.long)
+        self._map_rows(lambda t: t.index_select(0, index.to(t.device)))
+        if not rows or self.row_padding is None:
+            return
+        common = int(self.row_padding.min())
+        self.row_padding -= common
+        self.seen -= common
+        self._drop_leading_padding()
 
     # Accounting -----------------------------------------------------------------------------
 
@@ -513,7 +652,7 @@ class ClusteredLayer(_CompressedLayer):
         """Bytes of the stored entries: keys, values, log-counts and, for the attention-ranked
         methods, their scores (padding slots included).
 
-        The buffers' spare room (at most a third of their size after growth) is not counted here;
+        The buffers' spare room (at most an eighth of the entries after growth, or 64) is not counted here;
         ``reserved_nbytes`` gives it.
         """
         if not self.is_initialized:
@@ -536,12 +675,19 @@ def compress_together(layers: list[ClusteredLayer]) -> None:
     Every (row, head) is clustered on its own, so the results equal clustering layer by layer.
     """
     groups: dict[tuple, list[ClusteredLayer]] = {}
+    row_groups: dict[tuple, list[tuple]] = {}
+    removed: dict[ClusteredLayer, int] = {}
     for layer in layers:
         layer.since_compression = 0
+        if layer.row_since is not None and not layer.has_padding:
+            layer.row_since.zero_()
         if layer.length == 0:
             continue
-        if layer.has_padding:
+        if layer.has_padding and layer.pinned:
             layer._compress_padded()
+            continue
+        if layer.has_padding:
+            removed[layer] = 0
             continue
         n_remove = layer.length - layer.budget(layer.seen)
         if n_remove <= 0:
@@ -562,6 +708,36 @@ def compress_together(layers: list[ClusteredLayer]) -> None:
             else:
                 layer._store(*mine)
             layer._record(before - layer.length)
+    # Padded rows (a padded prefill, a server's joined requests): the due rows of every layer
+    # that have as many entries to cluster and to remove go through the compressor together.
+    # Their rows' statistics are read to the host in one transfer for all layers.
+    padded = list(removed)
+    if padded:
+        stats = torch.cat([layer._row_stats().cpu() for layer in padded], dim=1).tolist()
+        offset = 0
+        for layer in padded:
+            rows = layer.keys.shape[0]
+            apart = id(layer) if layer.new_tokens > 1 else None  # a prefill's clusterings are large: layer by layer
+            for b, idx, n_remove, start in layer._due_rows([r[offset : offset + rows] for r in stats]):
+                row_groups.setdefault((idx.numel() - start, n_remove, start > 0, apart), []).append((layer, b, idx, start))
+            offset += rows
+    lengths: dict[ClusteredLayer, list[int]] = {layer: [] for layer in padded}
+    for (_, n_remove, local, _), items in row_groups.items():
+        parts = [tuple(t[:, :, start:] for t in layer._row(b, idx)) for layer, b, idx, start in items]
+        out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), n_remove, sinks=0 if local else None)
+        for i, (layer, b, idx, start) in enumerate(items):
+            row = tuple(t[i : i + 1] for t in out)
+            if start:
+                row = tuple(torch.cat([t[:, :, :start], r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
+            layer._write_row(b, row)
+            removed[layer] = max(removed[layer], idx.numel() - row[0].shape[2])
+            lengths[layer].append(row[0].shape[2])
+    for layer, count in removed.items():
+        if count:
+            # every row still holds at least its clustered length, so the shared padding in front
+            # is at most the layer's length minus the longest row clustered now
+            layer._drop_leading_padding(at_most=layer.length - max(lengths[layer]))
+        layer._record(count)
 
 
 class ClusterGenLayer(_CompressedLayer):
@@ -687,6 +863,15 @@ class ClusteredCache(Cache):
             for layer in self.layers:
                 layer.hold = False
 
+    def compress_due(self) -> None:
+        """Cluster the layers whose clustering is due, all together (after a decoding step run
+        under :meth:`held`: one batch of clusterings instead of one per layer, same results,
+        since a layer's entries are not read again in the step that made them due)."""
+        due = [layer for layer in self.layers if isinstance(layer, ClusteredLayer) and layer.is_initialized
+               and layer.compression_due]
+        if due:
+            compress_together(due)
+
     def compress_all(self) -> None:
         """Compress every layer to its budget now. Importance-ranked methods first split the budget
         unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`)."""
@@ -716,6 +901,31 @@ class ClusteredCache(Cache):
             self.layers.append(self.layer_class_to_replicate())
         for layer, piece in zip(self.layers, part.layers):
             layer.take_rows(piece, start, batch)
+
+    def append_rows(self, part: ClusteredCache) -> None:
+        """Add the rows of ``part`` (a cache of the same method and settings, prefilled and
+        compressed on its own) after this cache's rows; see :meth:`ClusteredLayer.append_rows`."""
+        if isinstance(self.config, ClusterGenConfig) or self.config != part.config or self.compressor is not part.compressor:
+            raise ChelseaError("only caches of the same clustering method and settings can share a batch")
+        while len(self.layers) < len(part.layers):
+            self.layers.append(self.layer_class_to_replicate())
+        for layer, piece in zip(self.layers, part.layers):
+            layer.append_rows(piece)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only batch rows ``rows`` and free what the others alone needed."""
+        for layer in self.layers:
+            layer.keep_rows(rows)
+
+    @property
+    def batch_size(self) -> int:
+        first = next((layer for layer in self.layers if layer.is_initialized), None)
+        return 0 if first is None else first.keys.shape[0]
+
+    def row_positions(self) -> list[int]:
+        """Tokens seen by each batch row, padding not counted: the position of its next token."""
+        first = next((layer for layer in self.layers if layer.is_initialized), None)
+        return [] if first is None else first.tokens_per_row()
 
     def stats(self) -> dict:
         """What the cache holds now, averaged over layers (entries also over rows and KV heads)."""

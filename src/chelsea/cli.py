@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -80,6 +80,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; more are answered 429.")] = 16,
     reuse_gib: Annotated[float, typer.Option("--reuse-gib", help="KV memory for compressed documents kept for reuse (least recently used go first).")] = 8.0,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most, over all running batches (requests join between decoding steps).")] = 16,
+    kv_budget_gib: Annotated[Optional[float], typer.Option("--kv-budget-gib", help="KV memory the running requests may hold together; a request waits until its estimated peak fits (default: no limit).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -94,10 +96,15 @@ def serve(
 
     if method not in SERVABLE_METHODS:
         raise ChelseaError(f"--method must be one of {', '.join(SERVABLE_METHODS)}; got {method!r}")
+    if max_batch < 1:
+        raise ChelseaError(f"--max-batch must be at least 1; got {max_batch}")
+    if kv_budget_gib is not None and kv_budget_gib <= 0:
+        raise ChelseaError(f"--kv-budget-gib must be positive; got {kv_budget_gib}")
     CompressionConfig(ratio=ratio)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,
-                    reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit)
+                    reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit, max_batch=max_batch,
+                    kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)))
     uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")
 
 
@@ -373,7 +380,7 @@ def analyze(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="A preset with random weights (llama3-8b, mistral-7b, qwen2.5-7b) or a model name/path as elsewhere.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset with random weights (llama3-8b, mistral-7b, qwen2.5-7b, qwen2.5-0.5b) or a model name/path as elsewhere.")] = DEFAULT_MODEL,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, streaming, h2o, snapkv, random, knorm, clustergen at its default settings).")] = "chelsea",
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios.")] = "0.8",
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "4096",

@@ -28,11 +28,11 @@ class CompressionConfig:
         compress_every: during decoding, cluster again once this many new tokens have arrived
             since the last clustering. Between clusterings the cache holds at most this many
             entries above budget. The default equals ``chunk_size``.
-        decode_span: Chelsea only. During decoding, re-cluster only the last ``decode_span``
-            entries before the window, where the new tokens are, instead of the whole cache; the
-            work per clustering then no longer grows with the context. ``None`` re-clusters the
-            whole cache every time, like after a prefill. Eviction methods always rank the
-            whole cache.
+        decode_span: Chelsea and guided. During decoding, re-cluster only the last
+            ``decode_span`` entries before the window, where the new tokens are, instead of the
+            whole cache; the work per clustering then no longer grows with the context. ``None``
+            re-clusters the whole cache every time, like after a prefill. Eviction methods always
+            rank the whole cache.
         exact_share: ``guided`` only. The share of the kept entries, ranked by importance over all
             KV heads of a layer, that stay exact (never merged into or away); the other kept
             entries absorb the entries that are not kept. 1.0 is eviction by importance.

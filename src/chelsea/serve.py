@@ -13,252 +13,37 @@ Reuse: a registered document is prefilled and compressed once (query-agnostic: t
 known yet, which is what ``guided`` and ``kvzip`` are built for); every request that names it, or
 whose prompt starts with exactly its tokens, starts from a copy of that compressed cache and only
 reads its own remaining tokens. Documents are kept in least-recently-used order within
-``--reuse-bytes`` of KV memory.
+``--reuse-gib`` of KV memory.
 
-Requests are served one at a time by one worker thread, in arrival order; at most ``--max-queue``
-wait, more are answered 429. A streaming client that disconnects stops its generation at the next
-token. Bad input is answered with an OpenAI-style error body and a 4xx status.
+Requests are decoded together by the :class:`chelsea.engine.Engine`: up to ``--max-batch``
+sequences within ``--kv-budget-gib`` of KV cache run in one batch, new ones joining between steps;
+at most ``--max-queue`` more wait, beyond that requests are answered 429. A streaming client that
+disconnects frees its sequence at the next step. Bad input is answered with an OpenAI-style error
+body and a 4xx status.
 
-Not yet: decoding several requests together in one batch; sampling (temperature is accepted and
-ignored: replies are greedy).
+Not built on ``transformers serve``: it picks the KV cache by name (``cache_implementation``) or
+runs its own paged cache under continuous batching, with no supported way to pass a
+:class:`chelsea.cache.ClusteredCache` per request, and it keeps no cache between requests.
+
+Not yet: sampling (temperature is accepted and ignored: replies are greedy).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import itertools
 import json
-import queue
-import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .compat import cache_arg
-from .config import CompressionConfig
+from .engine import SERVABLE_METHODS, Engine, Job, ServeError
 from .errors import ChelseaError
-from .generation import METHODS, make_cache, use_method
-from .importance import compress_context
-from .prompts import chat_frame
 from .support import check_prompt_length
 
-
-SERVABLE_METHODS = tuple(m for m in METHODS if m != "clustergen")  # clustergen takes no ratio
-
-
-class ServeError(Exception):
-    """A request the server refuses: HTTP ``status`` and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
-
-
-@dataclass
-class Job:
-    """One request's work: prompt ids, settings, where its tokens go."""
-
-    ids: list[int]
-    method: str
-    ratio: float
-    max_tokens: int
-    document: str | None = None
-    register: bool = False  # prefill and keep as a document instead of answering
-    tokens: queue.Queue = field(default_factory=queue.Queue)  # token ids, then None; or a ServeError
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Document:
-    ids: list[int]
-    method: str
-    ratio: float
-    cache: object
-    nbytes: int
-
-
-class Engine:
-    """The model, its compressed documents and the worker thread that runs every request."""
-
-    def __init__(self, model, tokenizer, *, method: str = "guided", ratio: float = 0.8, max_queue: int = 16,
-                 reuse_bytes: int = 8 << 30, max_tokens_limit: int = 1024):
-        self.model, self.tokenizer = model, tokenizer
-        self.method, self.ratio = method, ratio
-        self.reuse_bytes, self.max_tokens_limit = reuse_bytes, max_tokens_limit
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.documents: OrderedDict[str, Document] = OrderedDict()
-        self.counters = {"requests_total": 0, "prefills_total": 0, "document_hits_total": 0, "generated_tokens_total": 0,
-                         "rejected_total": 0}
-        self._ids = itertools.count(1)
-        self.active = 0  # requests being generated now (the worker runs one at a time)
-        self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._run, daemon=True, name="chelsea-serve-worker")
-        self._worker.start()
-
-    # Requests -----------------------------------------------------------------------------------
-
-    def settings(self, extra: dict | None) -> tuple[str, float, str | None]:
-        extra = dict(extra or {})
-        method, ratio, document = extra.pop("method", self.method), extra.pop("ratio", self.ratio), extra.pop("document", None)
-        if extra:
-            raise ServeError(400, f"unknown chelsea settings: {', '.join(sorted(extra))} (known: method, ratio, document)", param="chelsea")
-        if method not in SERVABLE_METHODS:
-            raise ServeError(400, f"method must be one of {', '.join(SERVABLE_METHODS)}; got {method!r}", param="chelsea.method")
-        try:
-            CompressionConfig(ratio=ratio)
-        except ChelseaError as err:
-            raise ServeError(400, str(err), param="chelsea.ratio") from err
-        if document is not None and document not in self.documents:
-            raise ServeError(404, f"no document {document!r}: register it with POST /v1/documents first", param="chelsea.document")
-        return method, float(ratio), document
-
-    def submit(self, job: Job) -> Job:
-        if job.max_tokens > self.max_tokens_limit:
-            raise ServeError(400, f"max_tokens is at most {self.max_tokens_limit}; got {job.max_tokens}", param="max_tokens")
-        limit = self.model.config.max_position_embeddings
-        if not job.register and len(job.ids) + job.max_tokens > limit:
-            raise ServeError(400, f"the prompt has {len(job.ids)} tokens and asks for {job.max_tokens} more; "
-                                  f"the model takes {limit} in all: shorten the prompt or max_tokens", param="messages")
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            self.counters["rejected_total"] += 1
-            raise ServeError(429, "the server is busy: too many requests are waiting; retry later", kind="rate_limit_error") from None
-        self.counters["requests_total"] += 1
-        return job
-
-    def register(self, text: str, method: str, ratio: float) -> tuple[str, int]:
-        """Prefill and compress a document once (on the worker thread); returns its id and token count."""
-        ids = self.document_ids(text)
-        job = self.submit(Job(ids, method, ratio, 0, register=True))
-        result = job.tokens.get()
-        if isinstance(result, Exception):
-            raise result
-        return result, len(ids)
-
-    # Prompts ------------------------------------------------------------------------------------
-
-    def document_ids(self, text: str) -> list[int]:
-        """A document as the start of a user message (so a question about it can follow)."""
-        head, _ = chat_frame(self.tokenizer)
-        return self.tokenizer(head + text, add_special_tokens=not head).input_ids
-
-    def chat_ids(self, messages: list[dict], document: str | None) -> list[int]:
-        if document is not None:  # the document opens the first user message; the rest follows it
-            _, tail = chat_frame(self.tokenizer)
-            question = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
-            return self.documents[document].ids + self.tokenizer("\n\n" + question + tail, add_special_tokens=False).input_ids
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:").input_ids
-
-    def completion_ids(self, prompt: str, document: str | None) -> list[int]:
-        if document is not None:
-            return self.documents[document].ids + self.tokenizer(prompt, add_special_tokens=False).input_ids
-        return self.tokenizer(prompt).input_ids
-
-    # The worker ---------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            self.active = 1
-            try:
-                with torch.inference_mode():
-                    if job.register:
-                        job.tokens.put(self._register(job))
-                    else:
-                        self._generate(job)
-            except Exception as err:  # noqa: BLE001 - any failure goes back to its request, the worker lives on
-                job.tokens.put(err if isinstance(err, ServeError) else ServeError(500, f"generation failed: {err}", kind="server_error"))
-            finally:
-                self.active = 0
-
-    def _new_cache(self, method: str, ratio: float):
-        use_method(self.model, method)
-        return make_cache(method, CompressionConfig(ratio=ratio) if method != "full" else None)
-
-    def _prefill(self, cache, ids: torch.Tensor):
-        """Prefill and compress (scored first for importance-ranked methods; any cache works)."""
-        self.counters["prefills_total"] += 1
-        return compress_context(self.model, cache, ids, self.tokenizer)
-
-    def _register(self, job: Job) -> str:
-        cache = self._new_cache(job.method, job.ratio)
-        self._prefill(cache, torch.tensor([job.ids], device=self.model.device))
-        nbytes = _cache_bytes(cache)
-        name = f"doc-{next(self._ids)}"
-        self.documents[name] = Document(job.ids, job.method, job.ratio, cache, nbytes)
-        while len(self.documents) > 1 and sum(d.nbytes for d in self.documents.values()) > self.reuse_bytes:
-            self.documents.popitem(last=False)
-        return name
-
-    def _reusable(self, job: Job) -> Document | None:
-        """The named document, or the longest one whose tokens start this prompt (same settings)."""
-        if job.document is not None:
-            return self.documents.get(job.document)
-        best = None
-        for doc in self.documents.values():
-            if (doc.method, doc.ratio) == (job.method, job.ratio) and len(doc.ids) < len(job.ids) \
-                    and job.ids[: len(doc.ids)] == doc.ids and (best is None or len(doc.ids) > len(best.ids)):
-                best = doc
-        return best
-
-    def _generate(self, job: Job) -> None:
-        device = self.model.device
-        doc = self._reusable(job)
-        if doc is not None:
-            name = next(k for k, v in self.documents.items() if v is doc)
-            self.documents.move_to_end(name)
-            self.counters["document_hits_total"] += 1
-            cache = copy.deepcopy(doc.cache)
-            use_method(self.model, doc.method)
-            rest = torch.tensor([job.ids[len(doc.ids) :]], device=device)
-            logits = self.model(rest, **cache_arg(self.model, cache), use_cache=True, logits_to_keep=1).logits
-        else:
-            cache = self._new_cache(job.method, job.ratio)
-            logits = self._prefill(cache, torch.tensor([job.ids], device=device))
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        token = int(logits[0, -1].argmax())
-        for produced in range(job.max_tokens):
-            if job.cancelled.is_set():
-                break
-            if token in eos:
-                break
-            job.tokens.put(token)
-            self.counters["generated_tokens_total"] += 1
-            if produced + 1 == job.max_tokens:
-                break
-            step = torch.tensor([[token]], device=device)
-            token = int(self.model(step, **cache_arg(self.model, cache), use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
-        job.tokens.put(None)
-
-    def metrics(self) -> str:
-        lines = []
-        values = {**self.counters, "queue_depth": self.jobs.qsize(), "active_requests": self.active, "documents": len(self.documents),
-                  "document_kv_bytes": sum(d.nbytes for d in self.documents.values())}
-        for name, value in values.items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# TYPE chelsea_{name} {kind}", f"chelsea_{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-def _cache_bytes(cache) -> int:
-    from .generation import cache_stats
-
-    return int(cache_stats(cache)["kv_bytes"])
+__all__ = ["SERVABLE_METHODS", "Engine", "ServeError", "create_app"]
 
 
 # Request bodies: unknown fields are refused (extra="forbid"), as a misspelt option should be.

@@ -209,3 +209,6 @@ def chunked_soft_matching(
     if region[0].shape[2] == end - start:
         return keys, values, log_counts
     return tuple(torch.cat([t[:, :, :start], r, t[:, :, end:]], dim=2) for t, r in zip((keys, values, log_counts), region))
+
+
+chunked_soft_matching.local_decode = True  # decoding re-clusters only the recent span (CompressionConfig.decode_span)

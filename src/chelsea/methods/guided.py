@@ -22,7 +22,9 @@ rest of the text away. This method does both, per layer, on scores from
 
 A merged entry keeps its representative's score (the highest of its members: everything not
 kept scored lower). Tokens decoded later arrive with score 0: once they leave the window they are
-the first to be merged into a similar representative, never into an exact entry.
+the first to be merged into a similar representative, never into an exact entry. While decoding,
+only the last ``decode_span`` entries before the window are re-clustered (where the new tokens
+are), so a clustering costs the same at any context length.
 """
 
 from __future__ import annotations
@@ -128,3 +130,4 @@ def guided_merge(
 
 guided_merge.uses_importance = True
 guided_merge.uses_surprise = True
+guided_merge.local_decode = True  # decoding re-clusters only the recent span (CompressionConfig.decode_span)
