@@ -5,6 +5,10 @@ surprisal or none) and the compression, timed with CUDA synchronisation, median 
 after one warm-up. ``full`` is the plain SDPA prefill into a DynamicCache.
 
     python benchmarks/prefill_cost.py --model qwen2.5-coder-0.5b --tokens 32768 --out results.json
+
+``--model`` also takes a preset of ``chelsea bench`` (``qwen2.5-0.5b``, ``llama3-8b``, ...): the
+architecture with random weights, right for timing; ``--tokenizer`` then names a tokenizer folder
+with a chat template, for the repeat prompt.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import time
 import torch
 from transformers import DynamicCache
 
+from chelsea.bench import load_with_tokenizer
 from chelsea.compat import cache_arg
 from chelsea.config import CompressionConfig
 from chelsea.generation import make_cache, use_method
 from chelsea.importance import compress_context
-from chelsea.models import load_model
 
 SETTINGS = [  # (label, method, importance)
     ("full", "full", None),
@@ -43,9 +47,10 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default=",".join(s[0] for s in SETTINGS))
+    parser.add_argument("--tokenizer", help="tokenizer folder (needed with a preset)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
     wanted = args.settings.split(",")
     rows = []
@@ -78,6 +83,8 @@ def main() -> None:
         print(f"| {row['setting']} | {row['seconds'] * 1000:.1f} | {row['vs_full']} |")
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(), "model": args.model, "tokens": args.tokens, "ratio": args.ratio,
+              "command": "python benchmarks/prefill_cost.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                          if v is not None and k != "out"),
               "torch": torch.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

@@ -125,6 +125,29 @@ def test_local_reconstruction_attends_only_to_sinks_the_chunk_and_itself():
     torch.testing.assert_close(full, weighted_attention(query, key, value))
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 30, 200])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reconstruction_scores_are_the_largest_attention_each_entry_receives(block_bytes, weighted):
+    """Against the softmax written out: every query head of a KV head, every repeating query,
+    over the sinks, the chunk and the repeat itself (causal), log-counts added; blocks of queries
+    give the same scores as one block."""
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 4, 6, 8, generator=g) * 2
+    key, value = torch.randn(1, 2, 46, 8, generator=g), torch.randn(1, 2, 46, 8, generator=g)
+    counts = torch.randn(1, 2, 46, generator=g).clamp(min=0) if weighted else None
+    scores = torch.full((1, 2, 40), 0.01)
+    Reconstruction(40, 10, 20, 4, "local", max_block_bytes=block_bytes).attend(query, key, value, counts, None, scores)
+    visible = torch.cat([torch.arange(4), torch.arange(10, 20), torch.arange(40, 46)])
+    logits = query.reshape(1, 2, 2, 6, 8) @ key[:, :, None, visible].transpose(-1, -2) / 8**0.5
+    if weighted:
+        logits = logits + counts[:, :, None, None, visible]
+    own = torch.arange(6)
+    logits[..., 14:] = logits[..., 14:].masked_fill(own[None, :] > own[:, None], float("-inf"))
+    want = logits.softmax(-1)[..., :14].amax(dim=(2, 3))
+    torch.testing.assert_close(scores[..., visible[:14]], want.clamp(min=0.01))
+    assert bool((scores[..., 4:10] == 0.01).all())  # entries outside the chunk keep their earlier score
+
+
 @pytest.mark.parametrize("method", ["kvzip", "guided"])
 def test_compress_context_scores_compresses_and_keeps_the_context(method):
     model, tokenizer = _tiny()

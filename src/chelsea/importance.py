@@ -41,7 +41,6 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
-from .methods._attention_scores import probability_blocks
 from .prompts import chat_frame
 
 OBSERVATION_WINDOW = 32
@@ -65,24 +64,48 @@ class Reconstruction:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts, scale, scores: torch.Tensor):
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
         the largest attention each chunk entry (and sink) receives."""
-        batch, heads, m = query.shape[:3]
         sinks = min(self.sinks, self.lo)
-        index = torch.cat([torch.arange(sinks), torch.arange(self.lo, self.hi), torch.arange(self.context, key.shape[2])]).to(key.device)
-        k = key.index_select(2, index)
-        v = value.index_select(2, index)
-        bias = None if log_counts is None else log_counts.index_select(-1, index)
-        old = index.shape[0] - m
-        best = torch.zeros(batch, key.shape[1], old, dtype=torch.float32, device=key.device)
-        outs = []
-        for first, last, probs in probability_blocks(query, k, bias, scale=scale, max_block_bytes=self.max_block_bytes):
-            best = torch.maximum(best, probs[..., :old].amax(dim=(2, 3)))
-            if self.view == "local":
-                outs.append((probs @ v.float()[:, :, None]).view(batch, heads, last - first, -1))
-        scored = index[:old]
-        scores[:, :, scored] = torch.maximum(scores[:, :, scored], best)
+        old = torch.cat([torch.arange(sinks), torch.arange(self.lo, self.hi)]).to(key.device)
+        visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
+        bias = None if log_counts is None else log_counts.index_select(-1, visible)
+        k, v = key.index_select(2, visible), value.index_select(2, visible)
+        best = _largest_attention(query, k, bias, old.shape[0], query.shape[-1] ** -0.5 if scale is None else scale,
+                                  self.max_block_bytes)
+        scores[:, :, old] = torch.maximum(scores[:, :, old], best)
         if self.view == "local":
-            return torch.cat(outs, 2).to(query.dtype)
+            return weighted_attention(query, k, v, bias, scale=scale)
         return weighted_attention(query, key, value, log_counts, scale=scale)
+
+
+def _largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int) -> torch.Tensor:
+    """The largest softmax attention each of the first ``old`` keys receives from any query of
+    any query head that reads its KV head, ``[batch, kv_heads, old]`` float32.
+
+    ``key`` ``[batch, kv_heads, old + m, d]`` holds those ``old`` entries, all visible, then the
+    ``m`` queries' own entries, seen causally; ``bias`` ``[batch, kv_heads | 1, old + m]`` is added to the logits.
+    Computed in float32 a block of queries at a time, as log-probabilities: the maximum of a
+    probability is the exponential of the maximum of its logarithm, so no probability tensor is
+    made and nothing is multiplied by the values here (the output comes from the attention kernel).
+    """
+    batch, heads, m, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    keys = key.float().transpose(-1, -2)[:, :, None]  # [B, KVH, 1, d, n]
+    extra = None if bias is None else bias.float()[:, :, None, None, :]
+    cols = torch.arange(m, device=key.device)
+    best = torch.full((batch, kv_heads, old), float("-inf"), dtype=torch.float32, device=key.device)
+    block = max(1, max_block_bytes // max(1, batch * heads * key.shape[2] * 4))
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim) * scale
+        logits = torch.matmul(q, keys)  # [B, KVH, G, rows, old + m]
+        if extra is not None:
+            logits += extra
+        own = logits[..., old:]
+        own.masked_fill_(cols[None, :] > torch.arange(start, stop, device=key.device)[:, None], float("-inf"))
+        lse = logits.logsumexp(-1, keepdim=True)
+        best = torch.maximum(best, logits[..., :old].sub_(lse).amax(dim=(2, 3)))
+    return best.exp()
 
 
 def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overlap: int = 8) -> list[tuple[int, int, torch.Tensor]]:
