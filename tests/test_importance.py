@@ -100,9 +100,13 @@ def test_layer_shares_sum_to_the_budget_follow_the_scores_and_respect_the_floor(
 
 
 def _tiny(layers=3):
+    from chelsea.errors import MissingDependencyError
     from chelsea.models import resolve
 
-    path, extra = resolve("smollm2-135m")
+    try:  # the built-in model's tokenizer (CI installs it; a bare GPU machine may not have it)
+        path, extra = resolve("smollm2-135m")
+    except MissingDependencyError as err:
+        pytest.skip(str(err))
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
