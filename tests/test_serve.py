@@ -93,13 +93,7 @@ def test_concurrent_requests_are_decoded_in_one_batch(server):
     jobs = [Job(engine.completion_ids(f"{DOC}\n\nQuestion {i}:", None), method, 0.5, 12, ignore_eos=True)
             for i in range(2) for method in ("chelsea", "full")]
 
-    def run(job):
-        out = []
-        while (token := job.tokens.get(timeout=120)) is not None:
-            out.append(token)
-        return out
-
-    alone = [run(engine.submit(Job(j.ids, j.method, j.ratio, j.max_tokens, ignore_eos=True))) for j in jobs]
+    alone = [_tokens(engine.submit(Job(j.ids, j.method, j.ratio, j.max_tokens, ignore_eos=True))) for j in jobs]
     gate, entered, start = threading.Event(), threading.Event(), engine._start
     engine._start = lambda job: (entered.set(), gate.wait(30), start(job))
     try:
@@ -111,7 +105,7 @@ def test_concurrent_requests_are_decoded_in_one_batch(server):
     finally:
         gate.set()
         engine._start = start
-    together = [run(job) for job in jobs]
+    together = [_tokens(job) for job in jobs]
     assert together == alone and all(len(t) == 12 for t in together)
     # two batches (chelsea, full) of 2 rows: 2 x 11 steps (one more while the others are admitted);
     # one at a time would take 4 x 11

@@ -723,12 +723,12 @@ def compress_together(layers: list[ClusteredLayer]) -> None:
             offset += rows
     lengths: dict[ClusteredLayer, list[int]] = {layer: [] for layer in padded}
     for (_, n_remove, local, _), items in row_groups.items():
-        parts = [tuple(t[:, :, start:] for t in layer._row(b, idx)) for layer, b, idx, start in items]
+        parts = [layer._row(b, idx[start:]) for layer, b, idx, start in items]
         out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), n_remove, sinks=0 if local else None)
         for i, (layer, b, idx, start) in enumerate(items):
             row = tuple(t[i : i + 1] for t in out)
-            if start:
-                row = tuple(torch.cat([t[:, :, :start], r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
+            if start:  # the entries before the re-clustered span, read once, ahead of the rewrite
+                row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
             layer._write_row(b, row)
             removed[layer] = max(removed[layer], idx.numel() - row[0].shape[2])
             lengths[layer].append(row[0].shape[2])
@@ -927,6 +927,10 @@ class ClusteredCache(Cache):
         first = next((layer for layer in self.layers if layer.is_initialized), None)
         return [] if first is None else first.tokens_per_row()
 
+    def nbytes(self) -> int:
+        """Bytes the cache's layers hold now (:meth:`ClusteredLayer.nbytes`: padding slots included)."""
+        return sum(layer.nbytes() for layer in self.layers if layer.is_initialized)
+
     def stats(self) -> dict:
         """What the cache holds now, averaged over layers (entries also over rows and KV heads)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
@@ -936,7 +940,7 @@ class ClusteredCache(Cache):
         return {
             "tokens_seen": layers[0].seen,
             "kv_entries": round(entries, 2),
-            "kv_bytes": sum(layer.nbytes() for layer in layers),
+            "kv_bytes": self.nbytes(),
             "kv_bytes_full": sum(layer.full_nbytes() for layer in layers),
             "compressed": any(layer.has_merged for layer in layers),
             "clusterings": sum(layer.compressions for layer in layers),

@@ -365,7 +365,7 @@ class Engine:
         if cache.layers[0].keys.is_cuda:  # registered means ready: the reply waits for the GPU
             torch.cuda.synchronize(cache.layers[0].keys.device)
         name = f"doc-{next(self._ids)}"
-        self.documents[name] = Document(job.ids, job.method, job.ratio, cache, _cache_bytes(cache))
+        self.documents[name] = Document(job.ids, job.method, job.ratio, cache, cache.nbytes())
         while len(self.documents) > 1 and sum(d.nbytes for d in self.documents.values()) > self.reuse_bytes:
             self.documents.popitem(last=False)
         return name
@@ -465,7 +465,7 @@ class Engine:
 
     def running_kv_bytes(self) -> int:
         """Bytes the running batches' caches hold now (entries, padding included)."""
-        return sum(_cache_bytes(b.cache) for b in list(self._batches.values()))
+        return sum(b.cache.nbytes() for b in list(self._batches.values()))
 
     def metrics(self) -> str:
         """Prometheus text: counters and gauges."""
@@ -489,6 +489,3 @@ def _as_serve_error(err: Exception) -> ServeError:
         return ServeError(400, str(err))
     return ServeError(500, f"generation failed: {err}", kind="server_error")
 
-
-def _cache_bytes(cache: ClusteredCache) -> int:
-    return sum(layer.nbytes() for layer in cache.layers if layer.is_initialized)

@@ -41,6 +41,7 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
+from .methods._attention_scores import logit_blocks
 from .prompts import chat_frame
 
 OBSERVATION_WINDOW = 32
@@ -83,26 +84,12 @@ def _largest_attention(query, key, bias, old: int, scale: float, max_block_bytes
 
     ``key`` ``[batch, kv_heads, old + m, d]`` holds those ``old`` entries, all visible, then the
     ``m`` queries' own entries, seen causally; ``bias`` ``[batch, kv_heads | 1, old + m]`` is added to the logits.
-    Computed in float32 a block of queries at a time, as log-probabilities: the maximum of a
-    probability is the exponential of the maximum of its logarithm, so no probability tensor is
-    made and nothing is multiplied by the values here (the output comes from the attention kernel).
+    Computed as log-probabilities, a block of queries at a time: the maximum of a probability is
+    the exponential of the maximum of its logarithm, so no probability tensor is made and nothing
+    is multiplied by the values here (the output comes from the attention kernel).
     """
-    batch, heads, m, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    keys = key.float().transpose(-1, -2)[:, :, None]  # [B, KVH, 1, d, n]
-    extra = None if bias is None else bias.float()[:, :, None, None, :]
-    cols = torch.arange(m, device=key.device)
-    best = torch.full((batch, kv_heads, old), float("-inf"), dtype=torch.float32, device=key.device)
-    block = max(1, max_block_bytes // max(1, batch * heads * key.shape[2] * 4))
-    for start in range(0, m, block):
-        stop = min(m, start + block)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim) * scale
-        logits = torch.matmul(q, keys)  # [B, KVH, G, rows, old + m]
-        if extra is not None:
-            logits += extra
-        own = logits[..., old:]
-        own.masked_fill_(cols[None, :] > torch.arange(start, stop, device=key.device)[:, None], float("-inf"))
+    best = torch.full((*key.shape[:2], old), float("-inf"), dtype=torch.float32, device=key.device)
+    for _, _, logits in logit_blocks(query, key, bias, scale=scale, max_block_bytes=max_block_bytes):
         lse = logits.logsumexp(-1, keepdim=True)
         best = torch.maximum(best, logits[..., :old].sub_(lse).amax(dim=(2, 3)))
     return best.exp()

@@ -2,7 +2,9 @@
 
 Computed from the queries of one forward over the entries they attend to, with the same
 log-count bias and causal rule as :func:`chelsea.attention.weighted_attention`, then summed over
-the queries and over the query heads that share each KV head.
+the queries and over the query heads that share each KV head. :func:`logit_blocks`, the blocked
+causal logits underneath, also serves the context-reconstruction scores of
+:mod:`chelsea.importance`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,43 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+
+def logit_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    first: int = 0,
+    max_block_bytes: int = 1 << 30,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Attention logits of queries ``first:`` in blocks: ``(start, stop, logits)`` with ``logits``
+    ``[batch, kv_heads, groups, stop - start, n]`` float32, each entry's log-count added and the
+    entries a query may not see (later ones) at ``-inf``.
+
+    ``query`` ``[batch, heads, q, d]`` are the newest ``q`` entries of ``key`` ``[batch, kv_heads, n, d]``
+    and attend causally. A block holds at most ``max_block_bytes`` of logits.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    keys = key.float().transpose(-1, -2)[:, :, None]  # [B, KVH, 1, d, n]
+    bias = None if log_counts is None else log_counts.float()[:, :, None, None, :]  # [B, KVH|1, 1, 1, n]
+    past = n - q_len
+    block = max(1, max_block_bytes // max(1, batch * heads * n * 4))
+    for start in range(first, q_len, block):
+        stop = min(q_len, start + block)
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
+        logits = torch.matmul(q, keys).mul_(scale)  # [B, KVH, G, rows, n]
+        if bias is not None:
+            logits += bias
+        # Only the entries after the block's first query can be in some row's future.
+        rows = torch.arange(start, stop, device=key.device)[:, None]
+        cols = torch.arange(start + 1, q_len, device=key.device)[None, :]
+        logits[..., past + start + 1 :].masked_fill_(cols > rows, float("-inf"))
+        yield start, stop, logits
 
 
 def probability_blocks(
@@ -22,31 +61,12 @@ def probability_blocks(
     max_block_bytes: int = 1 << 30,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Softmax attention of queries ``first:`` in blocks: ``(start, stop, probs)`` with ``probs``
-    ``[batch, kv_heads, groups, stop - start, n]`` float32.
-
-    ``query`` ``[batch, heads, q, d]`` are the newest ``q`` entries of ``key`` ``[batch, kv_heads, n, d]``
-    and attend causally, with each entry's log-count added to its logit. A block holds at most
-    ``max_block_bytes`` of probabilities.
-    """
-    batch, heads, q_len, dim = query.shape
-    kv_heads, n = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    scale = dim**-0.5 if scale is None else scale
-    keys = key.float().transpose(-1, -2)  # [B, KVH, d, n]
-    bias = None if log_counts is None else log_counts.float()[:, :, None, None, :]  # [B, KVH|1, 1, 1, n]
-    cols = torch.arange(n, device=key.device)
-    block = max(1, max_block_bytes // max(1, batch * heads * n * 4))
-    for start in range(first, q_len, block):
-        stop = min(q_len, start + block)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = torch.matmul(q, keys[:, :, None]) * scale  # [B, KVH, G, rows, n]
-        if bias is not None:
-            logits = logits + bias
-        rows = torch.arange(start, stop, device=key.device) + (n - q_len)
-        future = cols[None, :] > rows[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
+    ``[batch, kv_heads, groups, stop - start, n]`` float32 (:func:`logit_blocks`, then softmax)."""
+    past = key.shape[2] - query.shape[2]
+    for start, stop, logits in logit_blocks(query, key, log_counts, scale=scale, first=first, max_block_bytes=max_block_bytes):
         # A padding query sees only -inf; it still sees itself, so its row stays finite.
-        logits = logits.masked_fill((cols[None, :] == rows[:, None]) & logits.isneginf(), 0.0)
+        own = logits.diagonal(offset=past + start, dim1=-2, dim2=-1)
+        own.masked_fill_(own.isneginf(), 0.0)
         yield start, stop, logits.softmax(-1)
 
 
