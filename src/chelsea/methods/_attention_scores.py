@@ -40,8 +40,8 @@ def logit_blocks(
     block = max(1, max_block_bytes // max(1, batch * heads * n * 4))
     for start in range(first, q_len, block):
         stop = min(q_len, start + block)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = torch.matmul(q, keys).mul_(scale)  # [B, KVH, G, rows, n]
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim) * scale
+        logits = torch.matmul(q, keys)  # [B, KVH, G, rows, n]; scaling the queries spares a pass over it
         if bias is not None:
             logits += bias
         # Only the entries after the block's first query can be in some row's future.
