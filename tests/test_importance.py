@@ -183,6 +183,39 @@ def test_reconstruction_leaves_the_cache_as_the_prefill_left_it():
     assert len(repeat_prompts(tokenizer, ids, 64)) == 4
 
 
+def test_question_attention_is_the_largest_probability_and_combines_with_reconstruction_by_maximum():
+    """With the question in the prompt, the prefill scores each entry by the largest attention the
+    last queries give it (a probability, as the written-out softmax gives), and reconstruction
+    keeps the larger of that and its own score."""
+    from chelsea.methods._attention_scores import largest_attention_received, probability_blocks
+
+    g = torch.Generator().manual_seed(4)
+    query, key = torch.randn(1, 4, 40, 8, generator=g) * 2, torch.randn(1, 2, 90, 8, generator=g)
+    got = largest_attention_received(query, key, last=5, max_block_bytes=300)
+    want = torch.cat([p for _, _, p in probability_blocks(query, key, first=35)], dim=3).amax(dim=(2, 3))
+    torch.testing.assert_close(got, want)
+    assert bool((got[..., :-1] > 0).all()) and float(got.max()) <= 1
+
+    model, tokenizer = _tiny(layers=2)
+    use_method(model, "guided")
+    ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(2))
+
+    def scores(question: bool, reconstruct: bool):
+        cache = ClusteredCache(CompressionConfig(ratio=0.5), compressor=guided_merge)
+        with cache.held(question=question), torch.no_grad():
+            model(ids, past_key_values=cache)
+            if reconstruct:
+                # one chunk: the repeat's softmax spans twice the context, so the question's is larger in places
+                score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=256, keep_scores=question)
+        return [layer.scores.clone() for layer in cache.layers]
+
+    asked, rebuilt, both = scores(True, False), scores(False, True), scores(True, True)
+    for a, r, b in zip(asked, rebuilt, both):
+        assert float(a.max()) <= 1 and float(a[..., :100].max()) > 0
+        torch.testing.assert_close(b, torch.maximum(a, r))
+        assert bool((b > r).any())  # the question's attention raised some entries
+
+
 def test_reconstruction_refuses_other_methods_and_padding():
     model, tokenizer = _tiny(layers=1)
     use_method(model, "chelsea")

@@ -163,3 +163,45 @@ def test_chunked_soft_matching_on_cuda_keeps_its_contract():
     assert k.shape == (2, 4, 600, 128) and v.shape == k.shape and lc.shape == (2, 4, 600)
     torch.testing.assert_close(lc.exp().sum(-1), torch.full((2, 4), 3000.0, device="cuda"))
     assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(v[:, :, -64:], values[:, :, -64:])
+
+
+def _written_out_largest_attention(query, key, bias, old, scale):
+    """Every query head of a KV head, every query, softmax over all keys it sees (the ``old``
+    ones and its own causally), then the largest probability each of the ``old`` keys gets."""
+    batch, heads, m, dim = query.shape
+    kv_heads = key.shape[1]
+    logits = query.double().reshape(batch, kv_heads, heads // kv_heads, m, dim) @ key.double()[:, :, None].transpose(-1, -2)
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.double()[:, :, None, None, :]
+    own = torch.arange(m, device=query.device)
+    logits[..., old:] = logits[..., old:].masked_fill(own[None, :] > own[:, None], float("-inf"))
+    return logits.softmax(-1)[..., :old].amax(dim=(2, 3)).float()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,dim,old,m,biased", [
+    (14, 2, 64, 4100, 2070, True),  # Qwen2.5-0.5B's layout, one reconstruction chunk
+    (8, 8, 128, 70, 33, False),  # no grouping, blocks that are not full
+    (6, 2, 80, 130, 5, True),  # a head size that is not a power of two
+])
+def test_largest_attention_kernel_matches_the_softmax_written_out(dtype, heads, kv_heads, dim, old, m, biased):
+    from chelsea.importance import _largest_attention_torch
+    from chelsea.kernels import largest_attention_applies, largest_attention_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    query = (torch.randn(2, m, heads, dim, generator=g, device="cuda") * 2).to(dtype).transpose(1, 2)  # as the model lays it out
+    key = torch.randn(2, kv_heads, old + m, dim, generator=g, device="cuda").to(dtype)
+    bias = None
+    if biased:
+        bias = torch.randn(2, kv_heads, old + m, generator=g, device="cuda").clamp(min=0)
+        bias[:, :, 3:9] = float("-inf")  # hidden entries (padding) get no attention
+    scale = dim**-0.5
+    assert largest_attention_applies(query, key)
+    got = largest_attention_kernel(query, key, bias, old, scale)
+    want = _written_out_largest_attention(query, key, bias, old, scale)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-7)
+    torch.testing.assert_close(got, _largest_attention_torch(query, key, bias, old, scale), rtol=2e-4, atol=1e-7)
+    if biased:
+        assert bool((got[:, :, 3:9] == 0).all())

@@ -35,7 +35,7 @@ from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError
 from .importance import OBSERVATION_WINDOW, Reconstruction
 from .kernels import write_slot
-from .methods._attention_scores import attention_mass
+from .methods._attention_scores import attention_mass, largest_attention_received
 from .methods._budgets import layer_shares
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
@@ -81,6 +81,7 @@ class _CompressedLayer(CacheLayerMixin):
         self.compressions = 0
         self.slot: torch.Tensor | None = None  # device index of the next write, while pinned
         self.hold = False  # the cache holds clustering back (prefill before a reconstruction pass)
+        self.question = False  # the forward's last queries are a question: importance is their largest attention
 
     @property
     def pinned(self) -> bool:
@@ -282,7 +283,8 @@ class ClusteredLayer(_CompressedLayer):
         out = weighted_attention(query, key, value, self.attention_log_counts(), scale=scale)
         if self.importance:
             if self.new_tokens > 1:  # the new entries' first score; decoded tokens start at 0
-                mass = attention_mass(query, key, self.attention_log_counts(), scale=scale, last=self.observation_window)
+                score = largest_attention_received if self.question else attention_mass
+                mass = score(query, key, self.attention_log_counts(), scale=scale, last=self.observation_window)
                 self.scores[:, :, -self.new_tokens :] = mass[:, :, -self.new_tokens :]
         elif self.scored:
             last = self.observation_window if self.new_tokens > 1 else None
@@ -831,6 +833,7 @@ class ClusteredCache(Cache):
         self.config = config if config is not None else CompressionConfig(**knobs)
         self.compressor = compressor
         self._hold = False
+        self._question = False
         if isinstance(self.config, ClusterGenConfig):
             layer = partial(ClusterGenLayer, self.config)
         else:
@@ -843,6 +846,7 @@ class ClusteredCache(Cache):
         counters and cluster on the host, which a traced graph would freeze."""
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.layers[layer_idx].hold = self._hold
+        self.layers[layer_idx].question = self._question
         return out
 
     @property
@@ -851,17 +855,21 @@ class ClusteredCache(Cache):
         return bool(getattr(self.compressor, "uses_importance", False)) and not isinstance(self.config, ClusterGenConfig)
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        """Hold clustering back (a prefill to be scored first); :meth:`compress_all` then compresses."""
-        self._hold = True
+    def held(self, question: bool = False) -> Iterator[None]:
+        """Hold clustering back (a prefill to be scored first); :meth:`compress_all` then compresses.
+
+        ``question``: the prompt ends with the question, so importance-ranked layers score the new
+        entries by the largest attention the last queries give them (a probability, comparable
+        with the reconstruction scores) instead of its sum."""
+        self._hold, self._question = True, question
         for layer in self.layers:
-            layer.hold = True
+            layer.hold, layer.question = True, question
         try:
             yield
         finally:
-            self._hold = False
+            self._hold = self._question = False
             for layer in self.layers:
-                layer.hold = False
+                layer.hold = layer.question = False
 
     def compress_due(self) -> None:
         """Cluster the layers whose clustering is due, all together (after a decoding step run

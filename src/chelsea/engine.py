@@ -354,14 +354,16 @@ class Engine:
         compressor = COMPRESSORS["chelsea" if method == "full" else method]
         return ClusteredCache(self._config(method, ratio), compressor=compressor)
 
-    def _prefill(self, cache, ids: list[int]) -> torch.Tensor:
-        """Prefill and compress (scored first for importance-ranked methods)."""
+    def _prefill(self, cache, ids: list[int], question: bool) -> torch.Tensor:
+        """Prefill and compress (scored first for importance-ranked methods); ``question``: the
+        prompt ends with the question (a request), not a document registered for later ones."""
         self.counters["prefills_total"] += 1
-        return compress_context(self.model, cache, torch.tensor([ids], device=self.model.device), self.tokenizer)
+        return compress_context(self.model, cache, torch.tensor([ids], device=self.model.device), self.tokenizer,
+                                question=question)
 
     def _register(self, job: Job) -> str:
         cache = self._new_cache(job.method, job.ratio)
-        self._prefill(cache, job.ids)
+        self._prefill(cache, job.ids, question=False)
         if cache.layers[0].keys.is_cuda:  # registered means ready: the reply waits for the GPU
             torch.cuda.synchronize(cache.layers[0].keys.device)
         name = f"doc-{next(self._ids)}"
@@ -384,7 +386,7 @@ class Engine:
     def _start(self, job: Job) -> None:
         """Prefill and compress ``job``'s prompt, emit its first token, join its batch."""
         cache = self._new_cache(job.method, job.ratio)
-        logits = self._prefill(cache, job.ids)
+        logits = self._prefill(cache, job.ids, question=True)
         self._join((job.method, job.ratio), cache, [job], logits)
 
     def _start_on_document(self, name: str, jobs: list[Job]) -> None:

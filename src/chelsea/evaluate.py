@@ -119,11 +119,12 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, config) -> list
     ids, cache = _prepare(model, samples, cell, config)
     new_tokens = max(s.max_new_tokens for s in samples)
     split = samples[0].context_end
+    question = split is None and cell.placement == "after"  # the compressed prompt ends with the question
     if split is None and getattr(cache, "scores_importance", False):
         split = ids.shape[1] - 1
     with torch.inference_mode():
         if split is not None and cell.method != "full":
-            compress_context(model, cache, ids[:, :split], tokenizer)
+            compress_context(model, cache, ids[:, :split], tokenizer, question=question)
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(model, cache), max_new_tokens=new_tokens,
             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,

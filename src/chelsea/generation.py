@@ -180,7 +180,8 @@ def generate(
         if getattr(cache, "scores_importance", False) and prompt_tokens > 1:
             # Score and compress all but the last prompt token; generate reads that one.
             mask = inputs.get("attention_mask")
-            compress_context(model, cache, inputs["input_ids"][:, :-1], tokenizer, attention_mask=None if mask is None else mask[:, :-1])
+            compress_context(model, cache, inputs["input_ids"][:, :-1], tokenizer, attention_mask=None if mask is None else mask[:, :-1],
+                             question=True)
         out = model.generate(
             **inputs,
             **cache_arg(model, cache),
@@ -247,7 +248,8 @@ def _generate_graphed(model, tokenizer, inputs, method, cache, max_new_tokens) -
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        logits = compress_context(model, cache, inputs["input_ids"], tokenizer, attention_mask=inputs.get("attention_mask"))
+        logits = compress_context(model, cache, inputs["input_ids"], tokenizer, attention_mask=inputs.get("attention_mask"),
+                                  question=True)
         token = logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         first = time.perf_counter()

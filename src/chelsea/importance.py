@@ -6,7 +6,9 @@ methods that rank by importance (``kvzip``, ``guided``):
 - **Question attention** (what SnapKV looks at): the attention each entry gets from the prompt's
   last :data:`OBSERVATION_WINDOW` queries. Free during any prefill, and the fallback when a plain
   ``model.generate`` runs without a reconstruction pass; it only knows a question that is in the
-  prompt.
+  prompt. When :func:`compress_context` is told the prompt ends with the question, it is the
+  largest attention of those queries (a probability, like the reconstruction scores) and an
+  entry keeps the larger of the two scores.
 - **Context reconstruction** (KVzip's idea, arXiv 2505.23416): after the context, the model is
   asked to repeat it ("Repeat the previous context exactly, starting from: <last words of the
   previous chunk>", then the chunk itself as the reply), chunk by chunk. An entry's score is the
@@ -41,6 +43,7 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
+from .kernels import largest_attention_applies, largest_attention_kernel
 from .methods._attention_scores import logit_blocks
 from .prompts import chat_frame
 
@@ -66,19 +69,20 @@ class Reconstruction:
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
         the largest attention each chunk entry (and sink) receives."""
         sinks = min(self.sinks, self.lo)
-        old = torch.cat([torch.arange(sinks), torch.arange(self.lo, self.hi)]).to(key.device)
+        # Made on the device: copying an index from host memory would wait for the GPU in every layer.
+        old = torch.cat([torch.arange(sinks, device=key.device), torch.arange(self.lo, self.hi, device=key.device)])
         visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
         bias = None if log_counts is None else log_counts.index_select(-1, visible)
         k, v = key.index_select(2, visible), value.index_select(2, visible)
-        best = _largest_attention(query, k, bias, old.shape[0], query.shape[-1] ** -0.5 if scale is None else scale,
-                                  self.max_block_bytes)
+        best = largest_attention(query, k, bias, old.shape[0], query.shape[-1] ** -0.5 if scale is None else scale,
+                                 self.max_block_bytes)
         scores[:, :, old] = torch.maximum(scores[:, :, old], best)
         if self.view == "local":
             return weighted_attention(query, k, v, bias, scale=scale)
         return weighted_attention(query, key, value, log_counts, scale=scale)
 
 
-def _largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int) -> torch.Tensor:
+def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30) -> torch.Tensor:
     """The largest softmax attention each of the first ``old`` keys receives from any query of
     any query head that reads its KV head, ``[batch, kv_heads, old]`` float32.
 
@@ -86,8 +90,17 @@ def _largest_attention(query, key, bias, old: int, scale: float, max_block_bytes
     ``m`` queries' own entries, seen causally; ``bias`` ``[batch, kv_heads | 1, old + m]`` is added to the logits.
     Computed as log-probabilities, a block of queries at a time: the maximum of a probability is
     the exponential of the maximum of its logarithm, so no probability tensor is made and nothing
-    is multiplied by the values here (the output comes from the attention kernel).
+    is multiplied by the values here (the output comes from the attention kernel). On CUDA the
+    Triton kernels of :mod:`chelsea.kernels.largest_attention` compute the same without the logits
+    tensor.
     """
+    if largest_attention_applies(query, key):
+        return largest_attention_kernel(query, key, bias, old, scale)
+    return _largest_attention_torch(query, key, bias, old, scale, max_block_bytes)
+
+
+def _largest_attention_torch(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30) -> torch.Tensor:
+    """:func:`largest_attention` in PyTorch (the CPU path)."""
     best = torch.full((*key.shape[:2], old), float("-inf"), dtype=torch.float32, device=key.device)
     for _, _, logits in logit_blocks(query, key, bias, scale=scale, max_block_bytes=max_block_bytes):
         lse = logits.logsumexp(-1, keepdim=True)
@@ -98,22 +111,25 @@ def _largest_attention(query, key, bias, old: int, scale: float, max_block_bytes
 def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overlap: int = 8) -> list[tuple[int, int, torch.Tensor]]:
     """``(lo, hi, ids)`` per chunk: the instruction to repeat, the last ``overlap`` tokens before
     the chunk (where it starts), the chat template's start of a reply, then the chunk."""
-    ask = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    device = context_ids.device
+    ask = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     reply_start = chat_frame(tokenizer)[1] or "\n"  # the template's end of a user turn and start of a reply
-    reply = tokenizer(reply_start, add_special_tokens=False, return_tensors="pt").input_ids
+    reply = tokenizer(reply_start, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     rows, n = context_ids.shape
     out = []
     for lo in range(0, n, chunk_size):
         hi = min(n, lo + chunk_size)
         parts = [ask.expand(rows, -1), context_ids[:, max(0, lo - overlap) : lo], reply.expand(rows, -1), context_ids[:, lo:hi]]
-        out.append((lo, hi, torch.cat([p.to(context_ids.device) for p in parts], dim=1)))
+        out.append((lo, hi, torch.cat(parts, dim=1)))
     return out
 
 
 def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, *, chunk_size: int = 2048,
-                            view: str = "local") -> None:
+                            view: str = "local", keep_scores: bool = False) -> None:
     """Fill the importance scores of ``cache`` (prefilled with exactly ``context_ids`` and not yet
     compressed) by asking the model to repeat the context, chunk by chunk; see the module doc.
+    ``keep_scores``: raise the scores the prefill left (the question's attention) instead of
+    starting from 0, so an entry keeps the larger of the two.
 
     Afterwards the cache holds the context's entries again, nothing of the repeats."""
     if view not in VIEWS:
@@ -128,8 +144,9 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
         raise ChelseaError("context reconstruction does not take padded batches yet: compress prompts of different lengths one by one")
     if any(layer.length != n or layer.seen != n for layer in layers):
         raise ChelseaError("score the cache right after prefilling the context, before it is compressed")
-    for layer in layers:
-        layer.scores.zero_()
+    if not keep_scores:
+        for layer in layers:
+            layer.scores.zero_()
     sinks = cache.config.sink_tokens
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         for lo, hi, ids in repeat_prompts(tokenizer, context_ids, chunk_size):
@@ -145,14 +162,17 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
 
 
 def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
-                     reconstruct: str | None = "config", chunk_size: int = 2048) -> torch.Tensor:
+                     reconstruct: str | None = "config", chunk_size: int = 2048, question: bool = False) -> torch.Tensor:
     """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
 
     For the methods that rank by importance (``kvzip``, ``guided``) the scores come from context
     reconstruction (``reconstruct`` is its view, ``"local"`` or ``"full"``; ``None`` keeps the
     prompt's own last-query attention; by default the cache's ``config.importance``) and the
     layers get uneven budgets; every other method
-    compresses as in any prefill. Returns the last position's logits ``[batch, 1, vocab]``.
+    compresses as in any prefill. ``question``: ``input_ids`` end with the question (a prompt
+    compressed whole): each entry's score is also at least the largest attention the prompt's
+    last :data:`OBSERVATION_WINDOW` queries give it, so what the question reads is kept too.
+    Returns the last position's logits ``[batch, 1, vocab]``.
     Continue with ``model.generate(input_ids=<context + question>, past_key_values=cache, ...)``.
     """
     if not getattr(cache, "scores_importance", False):
@@ -162,13 +182,14 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     if reconstruct is not None and tokenizer is None:
         raise ChelseaError("context reconstruction needs the tokenizer (to write the repeat prompt)")
     weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
-    with cache.held(), torch.no_grad():
+    with cache.held(question=question), torch.no_grad():
         if weight > 0 or cache.config.importance == "surprise":
             logits, surprise = _prefill_with_surprisal(model, cache, input_ids, attention_mask)
         else:
             logits = model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
         if reconstruct is not None:
-            score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct)
+            score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct,
+                                    keep_scores=question)
         elif cache.config.importance == "surprise":
             weight = 1.0
             for layer in cache.layers:

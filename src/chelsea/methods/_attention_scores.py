@@ -2,7 +2,8 @@
 
 Computed from the queries of one forward over the entries they attend to, with the same
 log-count bias and causal rule as :func:`chelsea.attention.weighted_attention`, then summed over
-the queries and over the query heads that share each KV head. :func:`logit_blocks`, the blocked
+the queries and over the query heads that share each KV head (:func:`attention_mass`), or their
+maximum taken (:func:`largest_attention_received`, the scale of the reconstruction scores). :func:`logit_blocks`, the blocked
 causal logits underneath, also serves the context-reconstruction scores of
 :mod:`chelsea.importance`.
 """
@@ -70,6 +71,20 @@ def probability_blocks(
         yield start, stop, logits.softmax(-1)
 
 
+def _per_key(query, key, log_counts, scale, last, max_block_bytes, largest: bool) -> torch.Tensor:
+    """The probabilities of the (last ``last``) queries reduced per key over queries and the
+    query heads of each KV head: summed, or their maximum (``largest``)."""
+    q_len = query.shape[2]
+    first = 0 if last is None else max(0, q_len - last)
+    out = torch.zeros(key.shape[0], key.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
+    for _, _, probs in probability_blocks(query, key, log_counts, scale=scale, first=first, max_block_bytes=max_block_bytes):
+        if largest:
+            torch.maximum(out, probs.amax(dim=(2, 3)), out=out)
+        else:
+            out += probs.sum(dim=(2, 3))
+    return out
+
+
 def attention_mass(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -85,9 +100,22 @@ def attention_mass(
     and attend causally. Queries are processed in blocks so no more than ``max_block_bytes`` of
     probabilities exist at once.
     """
-    q_len = query.shape[2]
-    first = 0 if last is None else max(0, q_len - last)
-    mass = torch.zeros(key.shape[0], key.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
-    for _, _, probs in probability_blocks(query, key, log_counts, scale=scale, first=first, max_block_bytes=max_block_bytes):
-        mass += probs.sum(dim=(2, 3))
-    return mass
+    return _per_key(query, key, log_counts, scale, last, max_block_bytes, largest=False)
+
+
+def largest_attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    last: int | None = None,
+    max_block_bytes: int = 1 << 30,
+) -> torch.Tensor:
+    """The largest softmax attention each key receives from the (last ``last``) queries of any
+    query head reading its KV head, ``[batch, kv_heads, n]`` float32 (0 where no query sees it).
+
+    Same inputs as :func:`attention_mass`; a probability, like the context-reconstruction scores
+    of :mod:`chelsea.importance`, so the two can be compared and combined by their maximum.
+    """
+    return _per_key(query, key, log_counts, scale, last, max_block_bytes, largest=True)
