@@ -3,9 +3,9 @@
 Computed from the queries of one forward over the entries they attend to, with the same
 log-count bias and causal rule as :func:`chelsea.attention.weighted_attention`, then summed over
 the queries and over the query heads that share each KV head (:func:`attention_mass`), or their
-maximum taken (:func:`largest_attention_received`, the scale of the reconstruction scores). :func:`logit_blocks`, the blocked
-causal logits underneath, also serves the context-reconstruction scores of
-:mod:`chelsea.importance`.
+maximum taken (:func:`largest_attention_received`, the scale of the reconstruction scores).
+:func:`logit_blocks`, the blocked causal logits underneath, also serves the context-reconstruction
+scores of :mod:`chelsea.importance`.
 """
 
 from __future__ import annotations
