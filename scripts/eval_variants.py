@@ -20,6 +20,7 @@ from pathlib import Path
 from chelsea.config import CompressionConfig
 from chelsea.evaluate import load_rows, run_eval
 from chelsea.models import load_model
+from chelsea.report import _fmt, summarise
 
 
 def _value(text: str):
@@ -52,10 +53,10 @@ def main(argv: list[str]) -> None:
                  ratios=[float(r) for r in args.ratios.split(",")], lengths=[int(n) for n in args.lengths.split(",")],
                  placements=args.placements.split(","), samples=args.samples, batch_size=args.batch_size, knobs=knobs,
                  progress=False)
-        scores = collections.defaultdict(list)
+        cells = collections.defaultdict(list)
         for row in load_rows(folder):
-            scores[(row["method"], row["ratio"], row["placement"], row["task"])].append(row["score"])
-        means = {k: round(100 * sum(v) / len(v)) for k, v in sorted(scores.items())}
+            cells[(row["method"], row["ratio"], row["placement"], row["task"])].append(row)
+        means = {k: _fmt(summarise(rows)[0]) for k, rows in sorted(cells.items())}
         print(name, knobs, means, flush=True)
 
 

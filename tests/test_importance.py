@@ -183,6 +183,39 @@ def test_reconstruction_leaves_the_cache_as_the_prefill_left_it():
     assert len(repeat_prompts(tokenizer, ids, 64)) == 4
 
 
+def test_local_repeats_side_by_side_give_the_scores_of_one_chunk_at_a_time():
+    """The local view's batched repeats (chunks as rows of a cache holding the sinks and each
+    row's chunk) score as repeating one chunk at a time after the whole context does."""
+    model, tokenizer = _tiny(layers=2)
+    use_method(model, "kvzip")
+    ids = torch.randint(0, 1000, (2, 300), generator=torch.Generator().manual_seed(5))
+
+    def prefilled():
+        cache = ClusteredCache(CompressionConfig(ratio=0.5), compressor=kvzip_evict)
+        with cache.held(), torch.no_grad():
+            model(ids, past_key_values=cache)
+        for layer in cache.layers:
+            layer.scores.zero_()
+        return cache
+
+    one_at_a_time = prefilled()
+    with one_at_a_time.held(), torch.no_grad():
+        for lo, hi, prompt in repeat_prompts(tokenizer, ids, 64):  # 0-64 (no overlap), three of 64, 256-300
+            for layer in one_at_a_time.layers:
+                layer.reconstruction = Reconstruction(300, lo, hi, 4, "local")
+            model(input_ids=prompt, past_key_values=one_at_a_time)
+            for layer in one_at_a_time.layers:
+                layer.reconstruction, layer.length, layer.seen = None, 300, 300
+    for batch_tokens in (1, 10**6):
+        side = prefilled()
+        with side.held():
+            score_by_reconstruction(model, side, ids, tokenizer, chunk_size=64, batch_tokens=batch_tokens)
+        for want, got in zip(one_at_a_time.layers, side.layers):
+            assert got.length == got.seen == 300
+            assert float(want.scores[..., :4].min()) > 0 and float(want.scores[..., 4:].min()) > 0
+            torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-7)
+
+
 def test_question_attention_is_the_largest_probability_and_combines_with_reconstruction_by_maximum():
     """With the question in the prompt, the prefill scores each entry by the largest attention the
     last queries give it (a probability, as the written-out softmax gives), and reconstruction

@@ -900,6 +900,24 @@ class ClusteredCache(Cache):
         """A new empty cache with the same settings and method."""
         return ClusteredCache(self.config, compressor=self.compressor)
 
+    def holding(self, entries: list[tuple[torch.Tensor, torch.Tensor] | None]) -> ClusteredCache:
+        """A new cache of the same settings and method whose layer ``i`` holds ``entries[i]``
+        (``keys, values`` ``[batch, kv_heads, n, head_dim]``, every entry one real token), as an
+        unclustered prefill leaves it; ``None`` leaves a layer empty. The context-reconstruction
+        repeats run on such caches, several chunks of a context side by side as batch rows."""
+        if isinstance(self.config, ClusterGenConfig):
+            raise ChelseaError("clustergen caches do not take stored entries")
+        cache = self.empty_like()
+        for pair in entries:
+            layer = cache.layer_class_to_replicate()
+            if pair is not None:
+                keys, values = pair
+                layer.lazy_initialization(keys, values)
+                layer._append(keys, values)
+                layer.seen = layer.since_compression = keys.shape[2]
+            cache.layers.append(layer)
+        return cache
+
     def take_rows(self, part: ClusteredCache, start: int, batch: int) -> None:
         """Copy ``part`` (prefilled with rows ``start:`` of the prompts) into those rows of this
         cache of ``batch`` rows; see :func:`chelsea.generation.prefill`."""

@@ -27,8 +27,8 @@ scoring mode (the layers attend through :class:`Reconstruction`), then removes t
 tokens again, so the cache holds exactly the context. ``view="full"`` lets the repeating queries
 attend to the whole cache in the forward (as kvpress's KVzipPress does; about two prefills of
 extra work); ``view="local"`` (the default, our cheaper variant) lets them attend only to the sinks
-and the chunk they repeat, so the forward costs a linear number of attention reads and the scores
-come out of the same attention probabilities.
+and the chunk they repeat, so the forward costs a linear number of attention reads, the scores
+come out of the same attention probabilities, and several chunks repeat side by side in one forward.
 
 :func:`compress_context` is the whole flow: prefill with clustering held back, score, compress
 every layer at once with uneven layer budgets.
@@ -69,13 +69,16 @@ class Reconstruction:
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
         the largest attention each chunk entry (and sink) receives."""
         sinks = min(self.sinks, self.lo)
-        # Made on the device: copying an index from host memory would wait for the GPU in every layer.
-        old = torch.cat([torch.arange(sinks, device=key.device), torch.arange(self.lo, self.hi, device=key.device)])
-        visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
-        bias = None if log_counts is None else log_counts.index_select(-1, visible)
-        k, v = key.index_select(2, visible), value.index_select(2, visible)
-        best = largest_attention(query, k, bias, old.shape[0], query.shape[-1] ** -0.5 if scale is None else scale,
-                                 self.max_block_bytes)
+        if sinks == self.lo and self.hi == self.context:  # every stored entry is visible (a batched local repeat)
+            old, k, v, bias = slice(0, self.context), key, value, log_counts
+        else:
+            # Made on the device: copying an index from host memory would wait for the GPU in every layer.
+            old = torch.cat([torch.arange(sinks, device=key.device), torch.arange(self.lo, self.hi, device=key.device)])
+            visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
+            bias = None if log_counts is None else log_counts.index_select(-1, visible)
+            k, v = key.index_select(2, visible), value.index_select(2, visible)
+        best = largest_attention(query, k, bias, sinks + self.hi - self.lo,
+                                 query.shape[-1] ** -0.5 if scale is None else scale, self.max_block_bytes)
         scores[:, :, old] = torch.maximum(scores[:, :, old], best)
         if self.view == "local":
             return weighted_attention(query, k, v, bias, scale=scale)
@@ -125,11 +128,17 @@ def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overla
 
 
 def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, *, chunk_size: int = 2048,
-                            view: str = "local", keep_scores: bool = False) -> None:
+                            view: str = "local", keep_scores: bool = False, batch_tokens: int = 16384) -> None:
     """Fill the importance scores of ``cache`` (prefilled with exactly ``context_ids`` and not yet
     compressed) by asking the model to repeat the context, chunk by chunk; see the module doc.
     ``keep_scores``: raise the scores the prefill left (the question's attention) instead of
     starting from 0, so an entry keeps the larger of the two.
+
+    The local view repeats several chunks in one forward, side by side as batch rows of a cache
+    that holds only the sinks and each row's chunk (:meth:`ClusteredCache.holding`), up to
+    ``batch_tokens`` repeat tokens per forward: the same scores in fewer, fuller forwards (a
+    forward of a small model over one 2K chunk waits on the host). The full view repeats one
+    chunk at a time over the whole cache.
 
     Afterwards the cache holds the context's entries again, nothing of the repeats."""
     if view not in VIEWS:
@@ -147,11 +156,15 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     if not keep_scores:
         for layer in layers:
             layer.scores.zero_()
-    sinks = cache.config.sink_tokens
+    prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
-        for lo, hi, ids in repeat_prompts(tokenizer, context_ids, chunk_size):
+        if view == "local":
+            for part in _side_by_side(prompts, context_ids.shape[0], cache.config.sink_tokens, batch_tokens):
+                _repeat_side_by_side(model, cache, part, n, cache.config.sink_tokens)
+            return
+        for lo, hi, ids in prompts:
             for layer in layers:
-                layer.reconstruction = Reconstruction(n, lo, hi, sinks, view)
+                layer.reconstruction = Reconstruction(n, lo, hi, cache.config.sink_tokens, view)
             try:
                 model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
             finally:
@@ -159,6 +172,46 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
                     layer.reconstruction = None
                     layer.length = layer.seen = n
                     layer.since_compression = n
+
+
+def _side_by_side(prompts, rows: int, sinks: int, batch_tokens: int):
+    """The repeat prompts in groups that can run as one forward: same sinks, chunk and prompt
+    lengths, at most ``batch_tokens`` tokens (at least one prompt) per group."""
+    groups: dict[tuple[int, int, int], list] = {}
+    for lo, hi, ids in prompts:
+        groups.setdefault((min(sinks, lo), hi - lo, ids.shape[1]), []).append((lo, hi, ids))
+    for (_, _, length), members in groups.items():
+        per = max(1, batch_tokens // (rows * length))
+        for start in range(0, len(members), per):
+            yield members[start : start + per]
+
+
+def _repeat_side_by_side(model, cache, part, n: int, sinks: int) -> None:
+    """One forward repeating the chunks of ``part`` (``(lo, hi, ids)`` of equal shapes), each row
+    over the sinks and its own chunk at the positions the repeat has after the context; the
+    scores go back to ``cache``'s entries (a sink keeps its largest score over the chunks)."""
+    sinks = min(sinks, part[0][0])
+    width, rows = part[0][1] - part[0][0], part[0][2].shape[0]
+
+    def visible(t):  # [rows, kv, n, d] -> [chunks * rows, kv, sinks + width, d]
+        return torch.cat([torch.cat([t[:, :, :sinks], t[:, :, lo:hi]], dim=2) for lo, hi, _ in part])
+
+    entries = [(visible(layer.keys), visible(layer.values)) if layer.is_initialized else None for layer in cache.layers]
+    side = cache.holding(entries)
+    for layer in side.layers:
+        layer.reconstruction = Reconstruction(sinks + width, sinks, sinks + width, sinks, "local")
+    ids = torch.cat([ids for _, _, ids in part])
+    positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
+    with side.held():
+        model(input_ids=ids, position_ids=positions, **cache_arg(model, side), use_cache=True, logits_to_keep=1)
+    for layer, mine in zip(cache.layers, side.layers):
+        if not layer.is_initialized:
+            continue
+        got = mine.scores[:, :, : sinks + width].view(len(part), rows, layer.scores.shape[1], sinks + width)
+        if sinks:
+            layer.scores[:, :, :sinks] = torch.maximum(layer.scores[:, :, :sinks], got[..., :sinks].amax(0))
+        for j, (lo, hi, _) in enumerate(part):
+            layer.scores[:, :, lo:hi] = torch.maximum(layer.scores[:, :, lo:hi], got[j, ..., sinks:])
 
 
 def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
@@ -209,7 +262,7 @@ def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, block:
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, input_ids.shape[1] - 1, block):
         stop = min(input_ids.shape[1] - 1, start + block)
-        logprobs = head(hidden[:, start:stop]).float().log_softmax(-1)
+        logprobs = head(hidden[:, start:stop]).log_softmax(-1, dtype=torch.float32)  # cast inside the kernel: no float copy
         out[:, start + 1 : stop + 1] = -logprobs.gather(-1, input_ids[:, start + 1 : stop + 1, None].to(hidden.device))[..., 0]
     return out
 
