@@ -70,19 +70,20 @@ class Reconstruction:
         the largest attention each chunk entry (and sink) receives."""
         sinks = min(self.sinks, self.lo)
         if sinks == self.lo and self.hi == self.context:  # every stored entry is visible (a batched local repeat)
-            old, k, v, bias = slice(0, self.context), key, value, log_counts
+            old, visible, k, bias = slice(0, self.context), None, key, log_counts
         else:
             # Made on the device: copying an index from host memory would wait for the GPU in every layer.
             old = torch.cat([torch.arange(sinks, device=key.device), torch.arange(self.lo, self.hi, device=key.device)])
             visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
             bias = None if log_counts is None else log_counts.index_select(-1, visible)
-            k, v = key.index_select(2, visible), value.index_select(2, visible)
+            k = key.index_select(2, visible)
         best = largest_attention(query, k, bias, sinks + self.hi - self.lo,
                                  query.shape[-1] ** -0.5 if scale is None else scale, self.max_block_bytes)
         scores[:, :, old] = torch.maximum(scores[:, :, old], best)
-        if self.view == "local":
-            return weighted_attention(query, k, v, bias, scale=scale)
-        return weighted_attention(query, key, value, log_counts, scale=scale)
+        if self.view == "full":
+            return weighted_attention(query, key, value, log_counts, scale=scale)
+        v = value if visible is None else value.index_select(2, visible)
+        return weighted_attention(query, k, v, bias, scale=scale)
 
 
 def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30) -> torch.Tensor:
@@ -156,15 +157,16 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     if not keep_scores:
         for layer in layers:
             layer.scores.zero_()
+    sinks = cache.config.sink_tokens
     prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         if view == "local":
-            for part in _side_by_side(prompts, context_ids.shape[0], cache.config.sink_tokens, batch_tokens):
-                _repeat_side_by_side(model, cache, part, n, cache.config.sink_tokens)
+            for part in _side_by_side(prompts, context_ids.shape[0], sinks, batch_tokens):
+                _repeat_side_by_side(model, cache, part, n, sinks)
             return
         for lo, hi, ids in prompts:
             for layer in layers:
-                layer.reconstruction = Reconstruction(n, lo, hi, cache.config.sink_tokens, view)
+                layer.reconstruction = Reconstruction(n, lo, hi, sinks, view)
             try:
                 model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
             finally:
