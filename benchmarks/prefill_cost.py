@@ -28,15 +28,17 @@ from chelsea.config import CompressionConfig
 from chelsea.generation import make_cache, use_method
 from chelsea.importance import compress_context
 
-SETTINGS = [  # (label, method, importance)
-    ("full", "full", None),
-    ("chelsea", "chelsea", None),
-    ("kvzip window", "kvzip", "window"),
-    ("guided surprise", "guided", "surprise"),
-    ("kvzip local", "kvzip", "local"),
-    ("guided local", "guided", "local"),
-    ("kvzip full", "kvzip", "full"),
-    ("guided full", "guided", "full"),
+SETTINGS = [  # (label, method, importance, other CompressionConfig settings)
+    ("full", "full", None, {}),
+    ("chelsea", "chelsea", None, {}),
+    ("kvzip window", "kvzip", "window", {}),
+    ("guided surprise", "guided", "surprise", {}),
+    ("kvzip local", "kvzip", "local", {}),
+    ("guided local", "guided", "local", {}),
+    ("kvzip local norm", "kvzip", "local", {"output_norm": True}),
+    ("guided local norm", "guided", "local", {"output_norm": True}),
+    ("kvzip full", "kvzip", "full", {}),
+    ("guided full", "guided", "full", {}),
 ]
 
 
@@ -54,13 +56,13 @@ def main() -> None:
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
     wanted = args.settings.split(",")
     rows = []
-    for label, method, importance in SETTINGS:
+    for label, method, importance, knobs in SETTINGS:
         if label not in wanted:
             continue
         use_method(model, method)
         times = []
         for _ in range(args.repeats + 1):
-            config = CompressionConfig(ratio=args.ratio, importance=importance or "local")
+            config = CompressionConfig(ratio=args.ratio, importance=importance or "local", **knobs)
             cache = DynamicCache() if method == "full" else make_cache(method, config)
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -73,7 +75,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             del cache
         seconds = statistics.median(times[1:])
-        rows.append({"setting": label, "method": method, "importance": importance, "seconds": round(seconds, 4)})
+        rows.append({"setting": label, "method": method, "importance": importance, **knobs, "seconds": round(seconds, 4)})
         print(f"{label:18} {seconds * 1000:9.1f} ms", flush=True)
     base = rows[0]["seconds"] if rows and rows[0]["setting"] == "full" else None
     for row in rows:

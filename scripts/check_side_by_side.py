@@ -19,7 +19,7 @@ import torch
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.bench import load_with_tokenizer
 from chelsea.generation import use_method
-from chelsea.importance import Reconstruction, repeat_prompts, score_by_reconstruction
+from chelsea.importance import Reconstruction, output_grams, repeat_prompts, score_by_reconstruction
 from chelsea.methods import kvzip_evict
 
 model, tok = load_with_tokenizer("qwen2.5-0.5b", ".gpu/qwen-tokenizer")
@@ -38,10 +38,11 @@ def prefilled():
 ref = prefilled()
 for layer in ref.layers:
     layer.scores.zero_()
+grams = output_grams(model, ref)  # output_norm is on by default
 with ref.held(), torch.no_grad():
     for lo, hi, p in repeat_prompts(tok, ids, 2048):
-        for layer in ref.layers:
-            layer.reconstruction = Reconstruction(n, lo, hi, 4, "local")
+        for layer, gram in zip(ref.layers, grams):
+            layer.reconstruction = Reconstruction(n, lo, hi, 4, "local", output_gram=gram)
         model(input_ids=p, past_key_values=ref)
         for layer in ref.layers:
             layer.reconstruction, layer.length, layer.seen = None, n, n

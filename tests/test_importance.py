@@ -8,7 +8,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.attention import weighted_attention
 from chelsea.generation import use_method
-from chelsea.importance import Reconstruction, compress_context, repeat_prompts, score_by_reconstruction
+from chelsea.importance import (Reconstruction, compress_context, output_gram, output_grams, repeat_prompts,
+                               score_by_reconstruction)
 from chelsea.methods import COMPRESSORS, guided_merge, kvzip_evict
 from chelsea.methods._budgets import layer_shares
 
@@ -152,6 +153,48 @@ def test_reconstruction_scores_are_the_largest_attention_each_entry_receives(blo
     assert bool((scores[..., 4:10] == 0.01).all())  # entries outside the chunk keep their earlier score
 
 
+def test_output_norm_weighs_each_query_heads_attention_by_what_the_value_adds_to_its_output():
+    """With ``output_norm`` an entry's score is the largest over query heads and queries of its
+    attention times ``||W_h v||`` (``W_h`` the head's block of ``o_proj``), divided by the mean
+    of that norm over the scored entries; the plain scores are the same without the factor."""
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 4, 6, 8, generator=g) * 2
+    key, value = torch.randn(1, 2, 46, 8, generator=g), torch.randn(1, 2, 46, 8, generator=g)
+    attention = torch.nn.Module()
+    attention.o_proj, attention.head_dim = torch.nn.Linear(4 * 8, 16, bias=False), 8
+    torch.nn.init.normal_(attention.o_proj.weight, generator=g)
+    gram = output_gram(attention, kv_heads=2)
+    scores = torch.zeros(1, 2, 40)
+    Reconstruction(40, 10, 20, 4, "local", output_gram=gram).attend(query, key, value, None, None, scores)
+    visible = torch.cat([torch.arange(4), torch.arange(10, 20), torch.arange(40, 46)])
+    logits = query.reshape(1, 2, 2, 6, 8) @ key[:, :, None, visible].transpose(-1, -2) / 8**0.5
+    own = torch.arange(6)
+    logits[..., 14:] = logits[..., 14:].masked_fill(own[None, :] > own[:, None], float("-inf"))
+    probs = logits.softmax(-1)[..., :14]  # [1, kv, group, query, entry]
+    blocks = attention.o_proj.weight.detach().view(16, 4, 8)  # [hidden, query head, d]
+    out = torch.stack([(blocks[:, h] @ value[0, h // 2, visible[:14]].T).norm(dim=0) for h in range(4)]).view(1, 2, 2, 14)
+    weight = out / out.mean(-1, keepdim=True)
+    want = (probs * weight[:, :, :, None, :]).amax(dim=(2, 3))
+    torch.testing.assert_close(scores[..., visible[:14]], want, rtol=1e-5, atol=1e-7)
+    plain = torch.zeros(1, 2, 40)
+    Reconstruction(40, 10, 20, 4, "local").attend(query, key, value, None, None, plain)
+    assert not torch.allclose(plain[..., visible[:14]], scores[..., visible[:14]])
+
+
+def test_output_norm_scoring_runs_on_a_model():
+    model, tokenizer = _tiny()
+    use_method(model, "kvzip")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(2))
+    caches = {}
+    for norm in (False, True):
+        cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16, output_norm=norm), compressor=COMPRESSORS["kvzip"])
+        compress_context(model, cache, ids, tokenizer, chunk_size=128)
+        caches[norm] = cache
+        assert all(layer.seen == 300 for layer in cache.layers)
+        assert sum(layer.length for layer in cache.layers) == len(cache.layers) * 60
+    assert any(not torch.equal(a.keys, b.keys) for a, b in zip(caches[False].layers, caches[True].layers))
+
+
 @pytest.mark.parametrize("method", ["kvzip", "guided"])
 def test_compress_context_scores_compresses_and_keeps_the_context(method):
     model, tokenizer = _tiny()
@@ -199,10 +242,11 @@ def test_local_repeats_side_by_side_give_the_scores_of_one_chunk_at_a_time():
         return cache
 
     one_at_a_time = prefilled()
+    grams = output_grams(model, one_at_a_time)  # output_norm is on by default
     with one_at_a_time.held(), torch.no_grad():
         for lo, hi, prompt in repeat_prompts(tokenizer, ids, 64):  # 0-64 (no overlap), three of 64, 256-300
-            for layer in one_at_a_time.layers:
-                layer.reconstruction = Reconstruction(300, lo, hi, 4, "local")
+            for layer, gram in zip(one_at_a_time.layers, grams):
+                layer.reconstruction = Reconstruction(300, lo, hi, 4, "local", output_gram=gram)
             model(input_ids=prompt, past_key_values=one_at_a_time)
             for layer in one_at_a_time.layers:
                 layer.reconstruction, layer.length, layer.seen = None, 300, 300

@@ -205,3 +205,20 @@ def test_largest_attention_kernel_matches_the_softmax_written_out(dtype, heads, 
     torch.testing.assert_close(got, _largest_attention_torch(query, key, bias, old, scale), rtol=2e-4, atol=1e-7)
     if biased:
         assert bool((got[:, :, 3:9] == 0).all())
+
+
+@cuda
+def test_largest_attention_kernel_weighs_each_query_head_as_the_pytorch_path():
+    """``log_weight`` (output-norm scoring) is added per query head before the maximum over the
+    group, in the kernel as in the PyTorch path."""
+    from chelsea.importance import _largest_attention_torch
+    from chelsea.kernels import largest_attention_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    query = torch.randn(1, 14, 40, 64, generator=g, device="cuda").to(torch.bfloat16)
+    key = torch.randn(1, 2, 300 + 40, 64, generator=g, device="cuda").to(torch.bfloat16)
+    log_weight = torch.randn(1, 2, 7, 300, generator=g, device="cuda")
+    got = largest_attention_kernel(query, key, None, 300, 0.125, log_weight=log_weight)
+    want = _largest_attention_torch(query, key, None, 300, 0.125, log_weight=log_weight)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-7)
+    assert not torch.allclose(got, largest_attention_kernel(query, key, None, 300, 0.125))

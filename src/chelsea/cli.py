@@ -48,6 +48,7 @@ SurpriseOpt = Annotated[float, typer.Option("--surprise-weight", help="guided: w
 ExactOpt = Annotated[float, typer.Option("--exact-share", help="guided: share of the kept entries (ranked over the layer's KV heads) kept exact; the rest absorb what is not kept.")]
 SimilarityOpt = Annotated[float, typer.Option("--min-similarity", help="guided: entries less cosine-similar than this to every representative are dropped, not merged.")]
 MergeOpt = Annotated[str, typer.Option(help="guided: a representative becomes the 'centroid' of its members, or keeps its key and averages the 'values'.")]
+OutputNormOpt = Annotated[bool, typer.Option("--output-norm/--no-output-norm", help="kvzip, guided: weight reconstruction attention by the norm of what each value adds to the head's output (KVzip+'s factor); off: the paper's KVzip scores.")]
 FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, guided: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
@@ -139,6 +140,7 @@ def generate(
     merge: MergeOpt = "centroid",
     layer_floor: FloorOpt = 0.2,
     surprise_weight: SurpriseOpt = 0.3,
+    output_norm: OutputNormOpt = True,
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -171,7 +173,7 @@ def generate(
     else:
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None,
                                    exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
-                                   importance=importance, surprise_weight=surprise_weight)
+                                   importance=importance, surprise_weight=surprise_weight, output_norm=output_norm)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -306,6 +308,7 @@ def eval_(
     merge: MergeOpt = "centroid",
     layer_floor: FloorOpt = 0.2,
     surprise_weight: SurpriseOpt = 0.3,
+    output_norm: OutputNormOpt = True,
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -325,7 +328,7 @@ def eval_(
     cells = plan(**grid)
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
-                 surprise_weight=surprise_weight)
+                 surprise_weight=surprise_weight, output_norm=output_norm)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)

@@ -55,6 +55,12 @@ class CompressionConfig:
         layer_floor: ``kvzip`` and ``guided``. Layers get uneven budgets from the importance
             scores of all layers ranked together; none gets less than this fraction of an even
             split of the budget beyond sinks and window.
+        output_norm: ``kvzip`` and ``guided``, reconstruction scores only. Weight the attention
+            an entry receives from each query head by the norm of what its value adds to that
+            head's output, ``||W_o v||`` (the factor KVzip+ multiplies in), divided by the mean of
+            that norm over the layer's scored entries so scores keep the scale of probabilities.
+            On by default (it raised both methods' scores in every measured cell but one);
+            off is the paper's KVzip scoring, what kvpress's ``KVzipPress`` does by default.
     """
 
     ratio: float = 0.5
@@ -71,6 +77,7 @@ class CompressionConfig:
     layer_floor: float = 0.2
     importance: str = "local"
     surprise_weight: float = 0.3
+    output_norm: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -101,6 +108,9 @@ class CompressionConfig:
             raise ChelseaError(f"importance must be 'local', 'full', 'window' or 'surprise'; got {self.importance!r}")
         if not isinstance(self.surprise_weight, (int, float)) or self.surprise_weight < 0:
             raise ChelseaError(f"surprise_weight must be a number >= 0; got {self.surprise_weight!r}")
+        if self.output_norm not in (True, False):
+            raise ChelseaError(f"output_norm must be true or false; got {self.output_norm!r}")
+        object.__setattr__(self, "output_norm", bool(self.output_norm))
         if self.merge not in ("centroid", "values"):
             raise ChelseaError(f"merge must be 'centroid' or 'values'; got {self.merge!r}")
         if not isinstance(self.neighbourhood, int) or self.neighbourhood < 2:

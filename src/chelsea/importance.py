@@ -64,6 +64,7 @@ class Reconstruction:
     sinks: int
     view: str = "local"
     max_block_bytes: int = 1 << 30
+    output_gram: torch.Tensor | None = None  # [kv_heads, groups, d, d]: W_o's block of each query head, W^T W
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts, scale, scores: torch.Tensor):
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
@@ -77,8 +78,13 @@ class Reconstruction:
             visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
             bias = None if log_counts is None else log_counts.index_select(-1, visible)
             k = key.index_select(2, visible)
-        best = largest_attention(query, k, bias, sinks + self.hi - self.lo,
-                                 query.shape[-1] ** -0.5 if scale is None else scale, self.max_block_bytes)
+        scored = sinks + self.hi - self.lo
+        weight = None
+        if self.output_gram is not None:
+            v = value.index_select(2, old) if visible is not None else value[:, :, :scored]
+            weight = output_weight(v, self.output_gram)
+        best = largest_attention(query, k, bias, scored, query.shape[-1] ** -0.5 if scale is None else scale,
+                                 self.max_block_bytes, log_weight=None if weight is None else weight.log())
         scores[:, :, old] = torch.maximum(scores[:, :, old], best)
         if self.view == "full":
             return weighted_attention(query, key, value, log_counts, scale=scale)
@@ -86,7 +92,37 @@ class Reconstruction:
         return weighted_attention(query, k, v, bias, scale=scale)
 
 
-def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30) -> torch.Tensor:
+def output_gram(attention: torch.nn.Module, kv_heads: int) -> torch.Tensor:
+    """``[kv_heads, groups, d, d]``: for each query head ``h``, ``W_h^T W_h`` where ``W_h`` is the
+    block of the attention's output projection (``o_proj``) that head ``h``'s output passes
+    through, so ``||W_h v||`` is ``sqrt(v^T G_h v)``."""
+    proj = getattr(attention, "o_proj", None)
+    if not isinstance(proj, torch.nn.Linear):
+        raise ChelseaError(f"output_norm scoring needs an attention module with an o_proj linear layer; {type(attention).__name__} has none")
+    weight = proj.weight.float()  # [hidden, heads * d]
+    heads = weight.shape[1] // attention.head_dim
+    blocks = weight.view(weight.shape[0], heads, attention.head_dim).transpose(0, 1)  # [heads, hidden, d]
+    return (blocks.transpose(1, 2) @ blocks).view(kv_heads, heads // kv_heads, attention.head_dim, attention.head_dim)
+
+
+def output_weight(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``[batch, kv_heads, groups, n]``: ``||W_h v||`` of every value ``[batch, kv_heads, n, d]``
+    for each query head reading it, divided by its mean over the ``n`` entries."""
+    v = values.float()
+    norms = torch.einsum("bknd,kgde,bkne->bkgn", v, gram.to(v.device), v).clamp_min(0).sqrt()
+    return norms / norms.mean(-1, keepdim=True).clamp_min(1e-12)
+
+
+def output_grams(model, cache) -> list[torch.Tensor | None]:
+    """:func:`output_gram` of every layer of ``model`` that ``cache`` holds (``None`` where empty)."""
+    attentions = [m for m in model.modules() if isinstance(getattr(m, "o_proj", None), torch.nn.Linear) and hasattr(m, "head_dim")]
+    if len(attentions) != len(cache.layers):
+        raise ChelseaError(f"output_norm scoring found {len(attentions)} attention modules with an o_proj for {len(cache.layers)} cache layers")
+    return [output_gram(a, layer.keys.shape[1]) if layer.is_initialized else None for a, layer in zip(attentions, cache.layers)]
+
+
+def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30,
+                      log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The largest softmax attention each of the first ``old`` keys receives from any query of
     any query head that reads its KV head, ``[batch, kv_heads, old]`` float32.
 
@@ -96,19 +132,25 @@ def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes:
     the exponential of the maximum of its logarithm, so no probability tensor is made and nothing
     is multiplied by the values here (the output comes from the attention kernel). On CUDA the
     Triton kernels of :mod:`chelsea.kernels.largest_attention` compute the same without the logits
-    tensor.
+    tensor. ``log_weight`` ``[batch, kv_heads, groups, old]``: each query head's attention to
+    an entry is multiplied by its exponential before the maximum (``output_norm``).
     """
     if largest_attention_applies(query, key):
-        return largest_attention_kernel(query, key, bias, old, scale)
-    return _largest_attention_torch(query, key, bias, old, scale, max_block_bytes)
+        return largest_attention_kernel(query, key, bias, old, scale, log_weight=log_weight)
+    return _largest_attention_torch(query, key, bias, old, scale, max_block_bytes, log_weight)
 
 
-def _largest_attention_torch(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30) -> torch.Tensor:
+def _largest_attention_torch(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30,
+                             log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`largest_attention` in PyTorch (the CPU path)."""
     best = torch.full((*key.shape[:2], old), float("-inf"), dtype=torch.float32, device=key.device)
+    extra = None if log_weight is None else log_weight.float()[:, :, :, None, :]
     for _, _, logits in logit_blocks(query, key, bias, scale=scale, max_block_bytes=max_block_bytes):
         lse = logits.logsumexp(-1, keepdim=True)
-        best = torch.maximum(best, logits[..., :old].sub_(lse).amax(dim=(2, 3)))
+        part = logits[..., :old].sub_(lse)
+        if extra is not None:
+            part += extra
+        best = torch.maximum(best, part.amax(dim=(2, 3)))
     return best.exp()
 
 
@@ -159,14 +201,16 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
             layer.scores.zero_()
     sinks = cache.config.sink_tokens
     prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
+    grams = output_grams(model, cache) if cache.config.output_norm else [None] * len(cache.layers)
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         if view == "local":
             for part in _side_by_side(prompts, context_ids.shape[0], sinks, batch_tokens):
-                _repeat_side_by_side(model, cache, part, n, sinks)
+                _repeat_side_by_side(model, cache, part, n, sinks, grams)
             return
         for lo, hi, ids in prompts:
-            for layer in layers:
-                layer.reconstruction = Reconstruction(n, lo, hi, sinks, view)
+            for layer, gram in zip(cache.layers, grams):
+                if layer.is_initialized:
+                    layer.reconstruction = Reconstruction(n, lo, hi, sinks, view, output_gram=gram)
             try:
                 model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
             finally:
@@ -188,7 +232,7 @@ def _side_by_side(prompts, rows: int, sinks: int, batch_tokens: int):
             yield members[start : start + per]
 
 
-def _repeat_side_by_side(model, cache, part, n: int, sinks: int) -> None:
+def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list) -> None:
     """One forward repeating the chunks of ``part`` (``(lo, hi, ids)`` of equal shapes), each row
     over the sinks and its own chunk at the positions the repeat has after the context; the
     scores go back to ``cache``'s entries (a sink keeps its largest score over the chunks)."""
@@ -200,8 +244,8 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int) -> None:
 
     entries = [(visible(layer.keys), visible(layer.values)) if layer.is_initialized else None for layer in cache.layers]
     side = cache.holding(entries)
-    for layer in side.layers:
-        layer.reconstruction = Reconstruction(sinks + width, sinks, sinks + width, sinks, "local")
+    for layer, gram in zip(side.layers, grams):
+        layer.reconstruction = Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram)
     ids = torch.cat([ids for _, _, ids in part])
     positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
     with side.held():

@@ -120,12 +120,15 @@ def largest_attention_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def largest_attention_kernel(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, old: int, scale: float,
-                             *, block_m: int = 64, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                             *, log_weight: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+                             num_warps: int = 4) -> torch.Tensor:
     """``[batch, kv_heads, old]`` float32: the largest softmax attention each of the first ``old``
     keys receives (see the module doc); the caller has checked :func:`largest_attention_applies`.
 
     ``query`` ``[batch, heads, m, d]``, ``key`` ``[batch, kv_heads, old + m, d]``, ``bias``
     ``[batch, kv_heads | 1, old + m]`` added to the logits (``-inf`` hides a key) or ``None``.
+    ``log_weight`` ``[batch, kv_heads, groups, old]`` is added to each query head's largest
+    log-probability before the maximum over the group's heads (or ``None``).
     """
     batch, heads, m, dim = query.shape
     kv_heads = key.shape[1]
@@ -154,4 +157,6 @@ def largest_attention_kernel(query: torch.Tensor, key: torch.Tensor, bias: torch
             query, key, bias, lse, out, *query.stride(), *key.stride(), *bias_strides,
             batch, kv_heads, groups, m, old, scale, **common,
         )
+    if log_weight is not None:
+        out += log_weight.float().permute(2, 0, 1, 3)
     return out.amax(0).exp()
