@@ -58,6 +58,10 @@ def test_eval_agnostic_placement_with_importance_methods(tiny_model_dir, tmp_pat
             assert 0.15 < r["kv_fraction"] < 0.3
     runs = json.loads((out / "runs.json").read_text())
     assert runs[-1]["knobs"]["importance"] == "local" and runs[-1]["knobs"]["surprise_weight"] == 0.3
+    assert runs[-1]["knobs"]["output_norm"] is True
+    summary = (out / "summary.md").read_text()
+    assert "### Context compressed before the question, 400 tokens, ratio 0.8" in summary
+    assert "### Question after the context, 400 tokens, ratio 0.8" in summary
 
 
 def test_eval_rejects_bad_grids(tiny_model_dir, tmp_path):

@@ -15,7 +15,9 @@ methods that rank by importance (``kvzip``, ``guided``):
   largest attention it receives from any repeating query of any query head that reads its KV head,
   softmax taken over the attention sinks, the chunk being repeated and the repeat itself. Entries
   the model must read to reproduce the text (a code's digits) score high, whatever the question
-  will be.
+  will be. With ``CompressionConfig.output_norm`` (the default) each query head's attention is
+  first multiplied by ``||W_h v||``, the norm of what the entry's value adds to that head's output
+  through the output projection (the factor KVzip+ multiplies in), over its mean in the layer.
 - **Surprisal** (ours, for ``guided``): how unexpected each context token was to the model,
   ``-log p(token | what came before)``, read off the prefill's own hidden states for the price of
   the output layer. Facts planted in other text (names, numbers, codes) are the least predictable
@@ -99,7 +101,8 @@ def output_gram(attention: torch.nn.Module, kv_heads: int) -> torch.Tensor:
     proj = getattr(attention, "o_proj", None)
     if not isinstance(proj, torch.nn.Linear):
         raise ChelseaError(f"output_norm scoring needs an attention module with an o_proj linear layer; {type(attention).__name__} has none")
-    weight = proj.weight.float()  # [hidden, heads * d]
+    weight = proj.weight
+    weight = (weight.to_local() if hasattr(weight, "to_local") else weight).float()  # [hidden, heads * d]; this rank's heads under tensor parallelism
     heads = weight.shape[1] // attention.head_dim
     blocks = weight.view(weight.shape[0], heads, attention.head_dim).transpose(0, 1)  # [heads, hidden, d]
     return (blocks.transpose(1, 2) @ blocks).view(kv_heads, heads // kv_heads, attention.head_dim, attention.head_dim)

@@ -96,7 +96,7 @@ def markdown(summary: list[dict], headline_ratio: float = 0.8) -> str:
     for task, placement in columns:
         part = [e for e in summary if (e["task"], e["placement"]) == (task, placement)]
         lengths = sorted({e["length"] for e in part})
-        title = task if placement == "-" else f"{task}, question {placement} the context"
+        title = task if placement == "-" else f"{task}, {_placement_phrase(placement)}"
         lines += [f"## {title}", "", "| method | ratio | kv | " + " | ".join(str(n) for n in lengths) + " | n |",
                   "|---|---|---|" + "---|" * (len(lengths) + 1)]
         for method, ratio in _settings(part):
@@ -109,6 +109,11 @@ def markdown(summary: list[dict], headline_ratio: float = 0.8) -> str:
     return "\n".join(lines)
 
 
+def _placement_phrase(placement: str) -> str:
+    """How a placement reads in a heading: ``after`` -> "question after the context"."""
+    return "context compressed before the question" if placement == "agnostic" else f"question {placement} the context"
+
+
 def _placement_tables(summary: list[dict], ratio: float) -> list[str]:
     """Question tasks at ``ratio``, one table per placement and length, with each method's mean
     over the tasks (left blank where the method was not run on all of them)."""
@@ -117,7 +122,7 @@ def _placement_tables(summary: list[dict], ratio: float) -> list[str]:
     for placement, length in sorted({(e["placement"], e["length"]) for e in questions}):
         part = [e for e in questions if (e["placement"], e["length"]) == (placement, length)]
         tasks = sorted({e["task"] for e in part})
-        lines += [f"### Question {placement} the context, {length} tokens, ratio {ratio:g}", "",
+        lines += [f"### {_placement_phrase(placement).capitalize()}, {length} tokens, ratio {ratio:g}", "",
                   "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
         for method, r in _settings(part):
             cells = {e["task"]: e for e in part if (e["method"], e["ratio"]) == (method, r)}
