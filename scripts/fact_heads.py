@@ -55,7 +55,7 @@ def collect(tasks: list[str], samples: int) -> list[dict]:
             cache = make_cache("kvzip", CompressionConfig(ratio=0.8, output_norm=False))
             with torch.inference_mode():
                 compress_context(model, cache, ids, tokenizer)
-                hidden = model.model(input_ids=ids).last_hidden_state
+                hidden = model.get_decoder()(input_ids=ids).last_hidden_state
                 surprisal = token_surprisal(model, hidden, ids)[0].cpu()
             out.append({"task": task, "index": index, "facts": s.meta["fact_positions"], "values": s.meta["value_positions"],
                         "scores": torch.stack(saved).float().cpu(), "surprisal": surprisal})

@@ -26,6 +26,7 @@ import torch
 
 import chelsea.cache
 import chelsea.evaluate
+from chelsea.methods.guided import _exact_mask
 from chelsea.tasks import TaskBuilder, _spec
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -93,20 +94,16 @@ def _compress_together(original):
 
 
 def _report(layers) -> None:
-    """Per layer and row: the share of the facts' entries inside the layer's kept and exact sets."""
+    """Per layer and row: the share of the facts' entries inside the layer's kept and exact sets,
+    chosen as ``guided_merge`` chooses them (``kvzip`` keeps its kept set exact)."""
     cfg, samples, cell = layers[0].config, _state["samples"], _state["cell"]
     out = []
     for i, layer in enumerate(layers):
         start, end = cfg.sink_tokens, layer.length - cfg.window
         region = layer.scores[:, :, start:end].float()
         keep = max(0, layer.budget(layer.seen) - cfg.sink_tokens - cfg.window)
-        heads = region.shape[1]
-        kept_at = region.topk(keep, dim=-1).values[..., -1:] if keep else region.new_full(region.shape[:2] + (1,), float("inf"))
-        kept = region >= kept_at
-        exact_n = int(round(cfg.exact_share * keep * heads)) if cell.method == "guided" else keep * heads
-        ranked = region.masked_fill(~kept, float("-inf")).flatten(1)
-        exact_at = ranked.topk(max(1, exact_n), dim=1).values[:, -1:].view(-1, 1, 1)
-        exact = kept & (region >= exact_at)
+        kept = torch.zeros_like(region, dtype=torch.bool).scatter_(-1, region.topk(keep, dim=-1).indices, True)
+        exact = _exact_mask(region, kept, cfg.exact_share) if cell.method == "guided" else kept
         for row, s in enumerate(samples):
             entry = {"layer": i, "row": row, "keep": keep}
             for name in ("fact_positions", "value_positions"):

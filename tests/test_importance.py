@@ -6,6 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from chelsea import ClusteredCache, CompressionConfig
+from chelsea.errors import ChelseaError
 from chelsea.attention import weighted_attention
 from chelsea.generation import use_method
 from chelsea.importance import (Reconstruction, compress_context, output_gram, output_grams, repeat_prompts,
@@ -193,6 +194,8 @@ def test_output_norm_scoring_runs_on_a_model():
         assert all(layer.seen == 300 for layer in cache.layers)
         assert sum(layer.length for layer in cache.layers) == len(cache.layers) * 60
     assert any(not torch.equal(a.keys, b.keys) for a, b in zip(caches[False].layers, caches[True].layers))
+    with pytest.raises(ChelseaError, match="no-output-norm"):  # a model without attention modules to weigh by
+        output_grams(torch.nn.Linear(4, 4), caches[True])
 
 
 @pytest.mark.parametrize("method", ["kvzip", "guided"])

@@ -98,14 +98,15 @@ def output_gram(attention: torch.nn.Module, kv_heads: int) -> torch.Tensor:
     """``[kv_heads, groups, d, d]``: for each query head ``h``, ``W_h^T W_h`` where ``W_h`` is the
     block of the attention's output projection (``o_proj``) that head ``h``'s output passes
     through, so ``||W_h v||`` is ``sqrt(v^T G_h v)``."""
-    proj = getattr(attention, "o_proj", None)
-    if not isinstance(proj, torch.nn.Linear):
-        raise ChelseaError(f"output_norm scoring needs an attention module with an o_proj linear layer; {type(attention).__name__} has none")
+    proj, dim = getattr(attention, "o_proj", None), getattr(attention, "head_dim", None)
+    if not isinstance(proj, torch.nn.Linear) or not isinstance(dim, int):
+        raise ChelseaError(f"output_norm scoring needs an attention module with an o_proj linear layer and a head_dim; "
+                           f"{type(attention).__name__} has not both (pass --no-output-norm)")
     weight = proj.weight
     weight = (weight.to_local() if hasattr(weight, "to_local") else weight).float()  # [hidden, heads * d]; this rank's heads under tensor parallelism
-    heads = weight.shape[1] // attention.head_dim
-    blocks = weight.view(weight.shape[0], heads, attention.head_dim).transpose(0, 1)  # [heads, hidden, d]
-    return (blocks.transpose(1, 2) @ blocks).view(kv_heads, heads // kv_heads, attention.head_dim, attention.head_dim)
+    heads = weight.shape[1] // dim
+    blocks = weight.view(weight.shape[0], heads, dim).transpose(0, 1)  # [heads, hidden, d]
+    return (blocks.transpose(1, 2) @ blocks).view(kv_heads, heads // kv_heads, dim, dim)
 
 
 def output_weight(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -117,11 +118,15 @@ def output_weight(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 
 def output_grams(model, cache) -> list[torch.Tensor | None]:
-    """:func:`output_gram` of every layer of ``model`` that ``cache`` holds (``None`` where empty)."""
-    attentions = [m for m in model.modules() if isinstance(getattr(m, "o_proj", None), torch.nn.Linear) and hasattr(m, "head_dim")]
-    if len(attentions) != len(cache.layers):
-        raise ChelseaError(f"output_norm scoring found {len(attentions)} attention modules with an o_proj for {len(cache.layers)} cache layers")
-    return [output_gram(a, layer.keys.shape[1]) if layer.is_initialized else None for a, layer in zip(attentions, cache.layers)]
+    """:func:`output_gram` of every layer of ``model`` that ``cache`` holds (``None`` where empty),
+    each from the attention module with that ``layer_idx`` (the index it passes the cache)."""
+    attentions = {m.layer_idx: m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")}
+    grams = []
+    for i, layer in enumerate(cache.layers):
+        if layer.is_initialized and i not in attentions:
+            raise ChelseaError(f"output_norm scoring found no attention module with an o_proj for cache layer {i} (pass --no-output-norm)")
+        grams.append(output_gram(attentions[i], layer.keys.shape[1]) if layer.is_initialized else None)
+    return grams
 
 
 def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30,
