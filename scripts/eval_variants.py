@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def main(argv: list[str]) -> None:
     grid.add_argument("--samples", type=int, default=20)
     grid.add_argument("--batch-size", type=int, default=20)
     args = grid.parse_args(argv[split + 1 :])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # chelsea's notes (the fact heads found)
     model, tokenizer = load_model(args.model)
     for variant in variants:
         name, _, spec = variant.partition(":")

@@ -16,6 +16,10 @@ from chelsea import ChelseaError, CompressionConfig
         ({"compress_every": 0}, "compress_every"),
         ({"decode_span": 1}, "decode_span"),
         ({"decode_span": 2.5}, "decode_span"),
+        ({"fact_weight": -1.0}, "fact_weight"),
+        ({"fact_heads": 0}, "fact_heads"),
+        ({"surprise_weight": -0.1}, "surprise_weight"),
+        ({"output_norm": "yes"}, "output_norm"),
     ],
 )
 def test_bad_values_name_the_argument(kwargs, name):

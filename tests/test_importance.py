@@ -324,3 +324,65 @@ def test_one_compressed_context_serves_several_questions_through_copies():
         got = model.generate(input_ids=ids, past_key_values=copy.deepcopy(shared), max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(got, want)
     assert all(layer.seen == 300 for layer in shared.layers)  # the shared copy is untouched
+
+
+def test_calibration_prompts_have_the_length_and_mark_exactly_the_codes():
+    from chelsea.fact_heads import calibration_prompts
+
+    _, tokenizer = _tiny()
+    ids, positions = calibration_prompts(tokenizer, prompts=2, length=600, codes=5)
+    assert ids.shape == (2, 600)
+    again, _ = calibration_prompts(tokenizer, prompts=2, length=600, codes=5)
+    assert torch.equal(ids, again)  # seeded
+    for row, pos in zip(ids, positions):
+        codes = tokenizer.decode(row[pos]).split()
+        assert len(codes) == 5 and all(any(c.isdigit() for c in code) and code.replace("-", "").isalnum() for code in codes)
+        assert all(b == a + 1 for a, b in zip(pos, pos[1:]) if b - a < 3)
+
+
+def test_fact_heads_are_the_heads_that_rank_the_codes_highest_and_their_agreement_outranks_every_layer():
+    from chelsea.fact_heads import choose_heads, consensus, head_hits, lend_ranks
+
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(2, 2, 100, generator=g) for _ in range(3)]
+    positions = [[20, 21, 50], [30, 70, 71]]
+    for row, pos in enumerate(positions):  # layer 1's head 0 and layer 2's head 1 find the codes
+        scores[1][row, 0, pos] = 5.0
+        scores[2][row, 1, pos] = 3.0
+    hits = head_hits(scores, positions, lo=4, window=8)
+    assert hits.shape == (3, 2) and hits[1, 0] == 1 and hits[2, 1] == 1 and float(hits[0].max()) < 1
+    heads = choose_heads(hits, 2)
+    assert set(heads.heads) == {(1, 0), (2, 1)} and heads.hit_rate == (1.0, 1.0)
+    with pytest.raises(ChelseaError, match="fact_heads"):
+        choose_heads(hits, 7)
+    agreed = consensus(scores, heads, lo=4, window=8)
+    assert agreed.shape == (2, 88)
+    for row, pos in enumerate(positions):
+        assert bool((agreed[row, [p - 4 for p in pos]] > 0.96).all())
+    region = scores[0][:, :, 4:92]  # a layer that does not see the codes: with a large weight it keeps them first
+    ranked = lend_ranks(region, agreed, 100.0)
+    for row, pos in enumerate(positions):
+        top = set(ranked[row].topk(3, dim=-1).indices.flatten().tolist())
+        assert top == {p - 4 for p in pos}
+    assert torch.equal(lend_ranks(region, agreed, 0.0).argsort(-1), region.argsort(-1))  # weight 0: the layer's own order
+
+
+def test_fact_weight_keeps_the_layer_budgets_and_calibrates_once_per_model():
+    model, tokenizer = _tiny()
+    use_method(model, "guided")
+    ids = torch.randint(0, 1000, (1, 400), generator=torch.Generator().manual_seed(1))
+    caches = {}
+    for weight in (0.0, 3.0):
+        cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16, fact_weight=weight, fact_heads=3),
+                               compressor=COMPRESSORS["guided"])
+        compress_context(model, cache, ids[:, :300], tokenizer, chunk_size=128)
+        caches[weight] = cache
+    assert [layer.length for layer in caches[0.0].layers] == [layer.length for layer in caches[3.0].layers]
+    assert any(not torch.equal(a.keys, b.keys) for a, b in zip(caches[0.0].layers, caches[3.0].layers))
+    memo = model._chelsea_fact_heads
+    assert len(memo) == 1 and len(next(iter(memo.values())).heads) == 3
+    found = next(iter(memo.values()))
+    compress_context(model, ClusteredCache(caches[3.0].config, compressor=COMPRESSORS["guided"]), ids[:, :300], tokenizer)
+    assert next(iter(model._chelsea_fact_heads.values())) is found  # not calibrated again
+    out = model.generate(input_ids=ids, past_key_values=caches[3.0], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 403)

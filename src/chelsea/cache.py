@@ -880,9 +880,11 @@ class ClusteredCache(Cache):
         if due:
             compress_together(due)
 
-    def compress_all(self) -> None:
+    def compress_all(self, rerank=None) -> None:
         """Compress every layer to its budget now. Importance-ranked methods first split the budget
-        unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`)."""
+        unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`);
+        ``rerank(layers)``, when given, may then rewrite the layers' scores (``guided``'s fact
+        heads), so the budgets stay the ones the scores asked for."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers or isinstance(self.config, ClusterGenConfig):
             return
@@ -894,6 +896,8 @@ class ClusteredCache(Cache):
                 regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in layers]
                 for layer, share in zip(layers, layer_shares(regions, keep, cfg.layer_floor)):
                     layer.share = share / keep
+        if rerank is not None:
+            rerank(layers)
         compress_together(layers)
 
     def empty_like(self) -> ClusteredCache:

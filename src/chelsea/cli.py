@@ -49,6 +49,8 @@ ExactOpt = Annotated[float, typer.Option("--exact-share", help="guided: share of
 SimilarityOpt = Annotated[float, typer.Option("--min-similarity", help="guided: entries less cosine-similar than this to every representative are dropped, not merged.")]
 MergeOpt = Annotated[str, typer.Option(help="guided: a representative becomes the 'centroid' of its members, or keeps its key and averages the 'values'.")]
 OutputNormOpt = Annotated[bool, typer.Option("--output-norm/--no-output-norm", help="kvzip, guided: weight reconstruction attention by the norm of what each value adds to the head's output (KVzip+'s factor); off: the paper's KVzip scores.")]
+FactWeightOpt = Annotated[float, typer.Option("--fact-weight", help="guided: after the layer budgets are split, every layer ranks by its own percentile plus this times the token's percentile in the model's fact heads (found once by a calibration on planted codes); 0: off.")]
+FactHeadsOpt = Annotated[int, typer.Option("--fact-heads", help="guided: how many (layer, KV head) pairs the fact-head calibration chooses.")]
 FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, guided: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
@@ -141,6 +143,8 @@ def generate(
     layer_floor: FloorOpt = 0.2,
     surprise_weight: SurpriseOpt = 0.3,
     output_norm: OutputNormOpt = True,
+    fact_weight: FactWeightOpt = 100.0,
+    fact_heads: FactHeadsOpt = 12,
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -173,7 +177,8 @@ def generate(
     else:
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None,
                                    exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
-                                   importance=importance, surprise_weight=surprise_weight, output_norm=output_norm)
+                                   importance=importance, surprise_weight=surprise_weight, output_norm=output_norm,
+                                   fact_weight=fact_weight, fact_heads=fact_heads)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -309,6 +314,8 @@ def eval_(
     layer_floor: FloorOpt = 0.2,
     surprise_weight: SurpriseOpt = 0.3,
     output_norm: OutputNormOpt = True,
+    fact_weight: FactWeightOpt = 100.0,
+    fact_heads: FactHeadsOpt = 12,
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -328,7 +335,7 @@ def eval_(
     cells = plan(**grid)
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
-                 surprise_weight=surprise_weight, output_norm=output_norm)
+                 surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)

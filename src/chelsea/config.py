@@ -61,6 +61,13 @@ class CompressionConfig:
             that norm over the layer's scored entries so scores keep the scale of probabilities.
             On by default (it raised both methods' scores in every measured cell but one);
             off is the paper's KVzip scoring, what kvpress's ``KVzipPress`` does by default.
+        fact_weight: ``guided`` only, reconstruction scores only. After the layer budgets are
+            split, every layer ranks its entries by its own percentile plus this weight times the
+            token's mean percentile over the model's fact heads (:mod:`chelsea.fact_heads`, found
+            once per model by a calibration on planted codes). The default 100 ranks by the fact
+            heads first and by the layer's own scores among equals (at 2K tokens and 80% removed
+            it scored 88 / 87 against 83 / 84 for weight 3 and 68 / 67 without); 0 turns it off.
+        fact_heads: ``guided``: how many (layer, KV head) pairs the calibration chooses.
     """
 
     ratio: float = 0.5
@@ -78,6 +85,8 @@ class CompressionConfig:
     importance: str = "local"
     surprise_weight: float = 0.3
     output_norm: bool = True
+    fact_weight: float = 100.0
+    fact_heads: int = 12
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -108,6 +117,10 @@ class CompressionConfig:
             raise ChelseaError(f"importance must be 'local', 'full', 'window' or 'surprise'; got {self.importance!r}")
         if not isinstance(self.surprise_weight, (int, float)) or self.surprise_weight < 0:
             raise ChelseaError(f"surprise_weight must be a number >= 0; got {self.surprise_weight!r}")
+        if not isinstance(self.fact_weight, (int, float)) or self.fact_weight < 0:
+            raise ChelseaError(f"fact_weight must be a number >= 0; got {self.fact_weight!r}")
+        if not isinstance(self.fact_heads, int) or self.fact_heads < 1:
+            raise ChelseaError(f"fact_heads must be an integer >= 1; got {self.fact_heads!r}")
         if self.output_norm not in (True, False):
             raise ChelseaError(f"output_norm must be true or false; got {self.output_norm!r}")
         object.__setattr__(self, "output_norm", bool(self.output_norm))

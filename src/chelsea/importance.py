@@ -33,11 +33,14 @@ and the chunk they repeat, so the forward costs a linear number of attention rea
 come out of the same attention probabilities, and several chunks repeat side by side in one forward.
 
 :func:`compress_context` is the whole flow: prefill with clustering held back, score, compress
-every layer at once with uneven layer budgets.
+every layer at once with uneven layer budgets; for ``guided`` (``CompressionConfig.fact_weight``)
+each layer then ranks by what the model's fact heads agree on (:mod:`chelsea.fact_heads`,
+calibrated on first use by :func:`find_fact_heads`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,8 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
+from .fact_heads import (CALIBRATION_LENGTH, CODES_PER_PROMPT, FactHeads, calibration_prompts, choose_heads, consensus, head_hits,
+                         lend_ranks)
 from .kernels import largest_attention_applies, largest_attention_kernel
 from .methods._attention_scores import logit_blocks
 from .prompts import chat_frame
@@ -53,6 +58,7 @@ OBSERVATION_WINDOW = 32
 SURPRISE_SCALE = 10.0  # nats: a token this unexpected (a random digit, say) gets the full weight
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly, starting from:"
 VIEWS = ("local", "full")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -289,6 +295,9 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     if reconstruct is not None and tokenizer is None:
         raise ChelseaError("context reconstruction needs the tokenizer (to write the repeat prompt)")
     weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
+    fact = cache.config.fact_weight if getattr(cache.compressor, "uses_fact_heads", False) and reconstruct is not None else 0.0
+    heads = find_fact_heads(model, tokenizer, cache) if fact > 0 else None
+    rerank = None
     with cache.held(question=question), torch.no_grad():
         if weight > 0 or cache.config.importance == "surprise":
             logits, surprise = _prefill_with_surprisal(model, cache, input_ids, attention_mask)
@@ -297,6 +306,8 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
         if reconstruct is not None:
             score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct,
                                     keep_scores=question)
+            if heads is not None:
+                rerank = _lend_fact_ranks(cache, heads, fact)
         elif cache.config.importance == "surprise":
             weight = 1.0
             for layer in cache.layers:
@@ -305,8 +316,48 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
             bonus = weight * (surprise / SURPRISE_SCALE).clamp(max=1.0)
             for layer in cache.layers:
                 layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
-    cache.compress_all()
+    cache.compress_all(rerank=rerank)
     return logits
+
+
+def find_fact_heads(model, tokenizer, cache) -> FactHeads:
+    """The fact heads of ``model`` (:mod:`chelsea.fact_heads`) for the scoring settings of
+    ``cache``: calibrated on first use (one prefill and reconstruction of
+    :data:`~chelsea.fact_heads.CALIBRATION_PROMPTS` short prompts in a cache like ``cache``) and
+    remembered on the model. Layer indices count the layers the cache holds."""
+    cfg = cache.config
+    view = cfg.importance if cfg.importance in VIEWS else "local"
+    key = (cfg.output_norm, cfg.sink_tokens, cfg.window, cfg.fact_heads, view)
+    memo = model.__dict__.setdefault("_chelsea_fact_heads", {})
+    if key not in memo:
+        if tokenizer is None:
+            raise ChelseaError("fact-head calibration needs the tokenizer (to write its prompts)")
+        longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        length = CALIBRATION_LENGTH if not isinstance(longest, int) else max(256, min(CALIBRATION_LENGTH, longest // 2))
+        ids, positions = calibration_prompts(tokenizer, length=length, codes=max(2, CODES_PER_PROMPT * length // CALIBRATION_LENGTH))
+        probe = cache.empty_like()
+        with probe.held(), torch.no_grad():
+            model(ids.to(model.device), **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
+            score_by_reconstruction(model, probe, ids.to(model.device), tokenizer, view=view)
+        scores = [layer.scores for layer in probe.layers if layer.is_initialized]
+        memo[key] = choose_heads(head_hits(scores, positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
+        log.info("fact heads (layer, KV head: share of the calibration codes in its top 10%%): %s",
+                 ", ".join(f"L{l}h{h} {r:.2f}" for (l, h), r in zip(memo[key].heads, memo[key].hit_rate)))
+    return memo[key]
+
+
+def _lend_fact_ranks(cache, heads: FactHeads, weight: float):
+    """The ``rerank`` step of :meth:`ClusteredCache.compress_all` that ranks every layer's region
+    by its own percentile plus ``weight`` times the fact heads' agreement, from the scores now."""
+    cfg = cache.config
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    agreed = consensus([layer.scores for layer in layers], heads, cfg.sink_tokens, cfg.window)
+
+    def rerank(layers):
+        for layer in layers:
+            region = layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window]
+            region.copy_(lend_ranks(region, agreed, weight))
+    return rerank
 
 
 def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, block: int = 1024) -> torch.Tensor:

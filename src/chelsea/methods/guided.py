@@ -130,4 +130,5 @@ def guided_merge(
 
 guided_merge.uses_importance = True
 guided_merge.uses_surprise = True
+guided_merge.uses_fact_heads = True  # CompressionConfig.fact_weight: chelsea.fact_heads
 guided_merge.local_decode = True  # decoding re-clusters only the recent span (CompressionConfig.decode_span)
