@@ -353,8 +353,9 @@ def test_fact_heads_are_the_heads_that_rank_the_codes_highest_and_their_agreemen
     assert hits.shape == (3, 2) and hits[1, 0] == 1 and hits[2, 1] == 1 and float(hits[0].max()) < 1
     heads = choose_heads(hits, 2)
     assert set(heads.heads) == {(1, 0), (2, 1)} and heads.hit_rate == (1.0, 1.0)
+    assert len(choose_heads(hits, 7).heads) == 6  # a model with fewer heads than asked: all of them
     with pytest.raises(ChelseaError, match="fact_heads"):
-        choose_heads(hits, 7)
+        choose_heads(hits, 0)
     agreed = consensus(scores, heads, lo=4, window=8)
     assert agreed.shape == (2, 88)
     for row, pos in enumerate(positions):

@@ -123,10 +123,11 @@ def head_hits(scores: list[torch.Tensor], positions: list[list[int]], lo: int, w
 
 
 def choose_heads(hits: torch.Tensor, count: int) -> FactHeads:
-    """The ``count`` (layer, KV head) pairs of ``hits`` ``[layers, kv_heads]`` with the highest rate."""
-    if not 1 <= count <= hits.numel():
-        raise ChelseaError(f"fact_heads must be between 1 and {hits.numel()} (the model's layers x KV heads); got {count}")
-    best = hits.flatten().topk(count)
+    """The ``count`` (layer, KV head) pairs of ``hits`` ``[layers, kv_heads]`` with the highest rate
+    (every pair of a model that has fewer)."""
+    if count < 1:
+        raise ChelseaError(f"fact_heads must be at least 1; got {count}")
+    best = hits.flatten().topk(min(count, hits.numel()))
     kv = hits.shape[1]
     return FactHeads(tuple((int(i) // kv, int(i) % kv) for i in best.indices), tuple(float(v) for v in best.values))
 
