@@ -387,3 +387,23 @@ def test_fact_weight_keeps_the_layer_budgets_and_calibrates_once_per_model():
     assert next(iter(model._chelsea_fact_heads.values())) is found  # not calibrated again
     out = model.generate(input_ids=ids, past_key_values=caches[3.0], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 403)
+
+
+def test_fact_heads_are_stored_for_the_same_weights_and_calibrated_again_for_others(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+    from chelsea.importance import find_fact_heads
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = _tiny(layers=2)
+    use_method(model, "guided")
+    cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16, fact_heads=3), compressor=COMPRESSORS["guided"])
+    found = find_fact_heads(model, tokenizer, cache)
+    assert len(list((tmp_path / "fact_heads").glob("*.json"))) == 1
+    twin, _ = _tiny(layers=2)  # the same weights in a new process would find the file
+    with monkeypatch.context() as m:
+        m.setattr(importance, "calibration_prompts", lambda *a, **k: pytest.fail("calibrated again"))
+        assert find_fact_heads(twin, tokenizer, cache) == found
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+    other = importance._stored_fact_heads(twin, ("any",))
+    assert other != importance._stored_fact_heads(model, ("any",))

@@ -40,8 +40,11 @@ calibrated on first use by :func:`find_fact_heads`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -51,6 +54,7 @@ from .errors import ChelseaError
 from .fact_heads import (CALIBRATION_LENGTH, CODES_PER_PROMPT, FactHeads, calibration_prompts, choose_heads, consensus, head_hits,
                          lend_ranks)
 from .kernels import largest_attention_applies, largest_attention_kernel
+from .models import cache_dir
 from .methods._attention_scores import logit_blocks
 from .prompts import chat_frame
 
@@ -58,6 +62,7 @@ OBSERVATION_WINDOW = 32
 SURPRISE_SCALE = 10.0  # nats: a token this unexpected (a random digit, say) gets the full weight
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly, starting from:"
 VIEWS = ("local", "full")
+CALIBRATION_VERSION = 1  # raise when the calibration changes, so stored fact heads are not reused
 log = logging.getLogger(__name__)
 
 
@@ -323,12 +328,20 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
 def find_fact_heads(model, tokenizer, cache) -> FactHeads:
     """The fact heads of ``model`` (:mod:`chelsea.fact_heads`) for the scoring settings of
     ``cache``: calibrated on first use (one prefill and reconstruction of
-    :data:`~chelsea.fact_heads.CALIBRATION_PROMPTS` short prompts in a cache like ``cache``) and
-    remembered on the model. Layer indices count the layers the cache holds."""
+    :data:`~chelsea.fact_heads.CALIBRATION_PROMPTS` short prompts in a cache like ``cache``),
+    remembered on the model and stored in the model cache folder (``$CHELSEA_CACHE_DIR``) for the
+    same weights and settings. Layer indices count the layers the cache holds."""
     cfg = cache.config
     view = cfg.importance if cfg.importance in VIEWS else "local"
     key = (cfg.output_norm, cfg.sink_tokens, cfg.window, cfg.fact_heads, view)
     memo = model.__dict__.setdefault("_chelsea_fact_heads", {})
+    stored = None if key in memo else _stored_fact_heads(model, key)
+    if stored is not None and stored.is_file():
+        try:
+            data = json.loads(stored.read_text())
+            memo[key] = FactHeads(tuple(tuple(h) for h in data["heads"]), tuple(data["hit_rate"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged file: calibrate again
     if key not in memo:
         if tokenizer is None:
             raise ChelseaError("fact-head calibration needs the tokenizer (to write its prompts)")
@@ -343,7 +356,27 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
         memo[key] = choose_heads(head_hits(scores, positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
         log.info("fact heads (layer, KV head: share of the calibration codes in its top 10%%): %s",
                  ", ".join(f"L{l}h{h} {r:.2f}" for (l, h), r in zip(memo[key].heads, memo[key].hit_rate)))
+        if stored is not None:
+            try:
+                stored.parent.mkdir(parents=True, exist_ok=True)
+                stored.write_text(json.dumps({"heads": memo[key].heads, "hit_rate": memo[key].hit_rate}))
+            except OSError:
+                pass  # a read-only cache folder: calibrate again next time
     return memo[key]
+
+
+def _stored_fact_heads(model, key) -> Path | None:
+    """Where the fact heads of these weights and settings are kept between processes (in the
+    model cache folder, named by a digest of the model's name, every parameter's sum and the
+    settings), so a command-line run does not calibrate again; ``None`` under tensor
+    parallelism, where each rank calibrates its own heads."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    with torch.no_grad():
+        sums = torch.stack([p.sum(dtype=torch.float32) for p in model.parameters()]).cpu().tolist()
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    digest = hashlib.sha1(repr((CALIBRATION_VERSION, name, key, [f"{x:.6e}" for x in sums])).encode()).hexdigest()
+    return cache_dir() / "fact_heads" / f"{digest}.json"
 
 
 def _lend_fact_ranks(cache, heads: FactHeads, weight: float):
