@@ -29,6 +29,7 @@ import torch
 from .errors import ChelseaError
 from .prompts import chat_frame, find_haystack, haystack_text
 
+CALIBRATION_VERSION = 1  # raise when the calibration changes, so stored fact heads are not reused
 CALIBRATION_LENGTH = 1024
 CALIBRATION_PROMPTS = 3
 CODES_PER_PROMPT = 8

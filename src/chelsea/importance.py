@@ -51,8 +51,8 @@ import torch
 from .attention import weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
-from .fact_heads import (CALIBRATION_LENGTH, CODES_PER_PROMPT, FactHeads, calibration_prompts, choose_heads, consensus, head_hits,
-                         lend_ranks)
+from .fact_heads import (CALIBRATION_LENGTH, CALIBRATION_VERSION, CODES_PER_PROMPT, FactHeads, calibration_prompts,
+                         choose_heads, consensus, head_hits, lend_ranks)
 from .kernels import largest_attention_applies, largest_attention_kernel
 from .models import cache_dir
 from .methods._attention_scores import logit_blocks
@@ -62,7 +62,6 @@ OBSERVATION_WINDOW = 32
 SURPRISE_SCALE = 10.0  # nats: a token this unexpected (a random digit, say) gets the full weight
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly, starting from:"
 VIEWS = ("local", "full")
-CALIBRATION_VERSION = 1  # raise when the calibration changes, so stored fact heads are not reused
 log = logging.getLogger(__name__)
 
 
@@ -348,10 +347,10 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
         longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         length = CALIBRATION_LENGTH if not isinstance(longest, int) else max(256, min(CALIBRATION_LENGTH, longest // 2))
         ids, positions = calibration_prompts(tokenizer, length=length, codes=max(2, CODES_PER_PROMPT * length // CALIBRATION_LENGTH))
-        probe = cache.empty_like()
+        ids, probe = ids.to(model.device), cache.empty_like()
         with probe.held(), torch.no_grad():
-            model(ids.to(model.device), **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
-            score_by_reconstruction(model, probe, ids.to(model.device), tokenizer, view=view)
+            model(ids, **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
+            score_by_reconstruction(model, probe, ids, tokenizer, view=view)
         scores = [layer.scores for layer in probe.layers if layer.is_initialized]
         memo[key] = choose_heads(head_hits(scores, positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
         log.info("fact heads (layer, KV head: share of the calibration codes in its top 10%%): %s",
@@ -383,8 +382,7 @@ def _lend_fact_ranks(cache, heads: FactHeads, weight: float):
     """The ``rerank`` step of :meth:`ClusteredCache.compress_all` that ranks every layer's region
     by its own percentile plus ``weight`` times the fact heads' agreement, from the scores now."""
     cfg = cache.config
-    layers = [layer for layer in cache.layers if layer.is_initialized]
-    agreed = consensus([layer.scores for layer in layers], heads, cfg.sink_tokens, cfg.window)
+    agreed = consensus([layer.scores for layer in cache.layers if layer.is_initialized], heads, cfg.sink_tokens, cfg.window)
 
     def rerank(layers):
         for layer in layers:
