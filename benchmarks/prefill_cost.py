@@ -2,8 +2,10 @@
 
 For each setting: the prompt's forward into the cache, the scoring (context reconstruction,
 surprisal or none) and the compression, timed with CUDA synchronisation, median of ``--repeats``
-after one warm-up. ``full`` is the plain SDPA prefill into a DynamicCache. ``guided``'s fact-head
-calibration runs once per model, before its setting's timed prefills, and is timed on its own.
+after one warm-up. ``full`` is the plain SDPA prefill into a DynamicCache. ``guided`` is
+``chelsea`` (its earlier name, kept so the labels match the results already written); its
+fact-head calibration runs once per model, before its setting's timed prefills, and is timed on
+its own.
 
     python benchmarks/prefill_cost.py --model qwen2.5-coder-0.5b --tokens 32768 --out results.json
 
@@ -31,7 +33,7 @@ from chelsea.importance import compress_context, find_fact_heads
 
 SETTINGS = [  # (label, method, importance, other CompressionConfig settings)
     ("full", "full", None, {}),
-    ("chelsea", "chelsea", None, {}),
+    ("chelsea-paper", "chelsea-paper", None, {}),
     ("kvzip window", "kvzip", "window", {}),
     ("guided surprise", "guided", "surprise", {}),
     ("kvzip local", "kvzip", "local", {"output_norm": False}),
@@ -39,6 +41,7 @@ SETTINGS = [  # (label, method, importance, other CompressionConfig settings)
     ("kvzip local norm", "kvzip", "local", {"output_norm": True}),
     ("guided local norm", "guided", "local", {"output_norm": True, "fact_weight": 0.0}),
     ("guided local facts", "guided", "local", {"output_norm": True, "fact_weight": 100.0}),  # the defaults
+    ("guided local facts shallow", "guided", "local", {"output_norm": True, "fact_weight": 100.0, "repeat_depth": "facts"}),
     ("kvzip full", "kvzip", "full", {"output_norm": False}),
     ("guided full", "guided", "full", {"output_norm": False, "fact_weight": 0.0}),
 ]

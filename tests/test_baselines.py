@@ -121,13 +121,13 @@ def test_baselines_run_in_a_model_with_the_same_budget_as_chelsea(name):
     model = _tiny_model()
     ids = torch.randint(0, 256, (1, 400))
     entries = {}
-    for method in (name, "chelsea"):
+    for method in (name, "chelsea-paper"):
         cache = ClusteredCache(CompressionConfig(ratio=0.75, window=16), compressor=COMPRESSORS[method])
         with torch.no_grad():
             model.generate(ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert cache.get_seq_length() == 419
         entries[method] = [layer.keys.shape[2] for layer in cache.layers]
-    assert entries[name] == entries["chelsea"]
+    assert entries[name] == entries["chelsea-paper"]
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv"])

@@ -34,9 +34,9 @@ def _decode_alone(model, cache, first, steps):
 
 
 @pytest.mark.parametrize("method,ratio,lengths", [
-    ("chelsea", 0.5, (150, 260, 90)), ("guided", 0.8, (150, 260, 90)), ("snapkv", 0.5, (150, 260, 90)),
-    ("chelsea", 0.0, (150, 260, 90)),
-    ("chelsea", 0.2, (450, 520, 400)),  # long enough that decoding re-clusters only the recent span
+    ("chelsea-paper", 0.5, (150, 260, 90)), ("chelsea", 0.8, (150, 260, 90)), ("snapkv", 0.5, (150, 260, 90)),
+    ("chelsea-paper", 0.0, (150, 260, 90)),
+    ("chelsea-paper", 0.2, (450, 520, 400)),  # long enough that decoding re-clusters only the recent span
 ])
 @pytest.mark.parametrize("deferred", [False, True], ids=["in-forward", "after-step"])
 def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, deferred):
@@ -86,14 +86,14 @@ def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, defe
     if ratio > 0:  # decoding kept clustering: each row holds its budget plus at most what one schedule adds
         cfg = batch.config
         assert (real[:, 0].sum(-1) <= torch.tensor([cfg.budget(n) + cfg.compress_every for n in batch.row_positions()])).all()
-    if method == "chelsea":  # merging keeps every token: each row's counts sum to its tokens
+    if method == "chelsea-paper":  # merging keeps every token: each row's counts sum to its tokens
         counts = layer.log_counts.exp().where(real, torch.zeros(())).sum(-1)
         torch.testing.assert_close(counts, torch.tensor([[lengths[0] + 70.0] * 2, [lengths[2] + 60.0] * 2]))
 
 
 def test_only_the_same_method_and_settings_share_a_batch(model):
-    a = ClusteredCache(CompressionConfig(ratio=0.5), compressor=COMPRESSORS["chelsea"])
-    b = ClusteredCache(CompressionConfig(ratio=0.8), compressor=COMPRESSORS["chelsea"])
+    a = ClusteredCache(CompressionConfig(ratio=0.5), compressor=COMPRESSORS["chelsea-paper"])
+    b = ClusteredCache(CompressionConfig(ratio=0.8), compressor=COMPRESSORS["chelsea-paper"])
     with torch.inference_mode():
         model(torch.randint(0, 300, (1, 20)), **cache_arg(model, b), use_cache=True)
     with pytest.raises(ChelseaError, match="same clustering method and settings"):

@@ -15,8 +15,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def _caches(method: str, ratio: float):
     knobs = dict(ratio=ratio, chunk_size=8, window=8, sink_tokens=2, compress_every=8)
-    if method == "chelsea":
-        return ClusteredCache(**knobs), ClusteredCache(**knobs)
     return (ClusteredCache(compressor=COMPRESSORS[method], **knobs) for _ in range(2))
 
 
@@ -41,7 +39,7 @@ def _decode_both(model, cache, ref_cache, ids, mask, steps, **decoder_args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method,ratio", [("chelsea", 0.5), ("chelsea", 0.0), ("h2o", 0.6), ("streaming", 0.7)])
+@pytest.mark.parametrize("method,ratio", [("chelsea-paper", 0.5), ("chelsea-paper", 0.0), ("h2o", 0.6), ("streaming", 0.7)])
 def test_pinned_decoding_equals_ordinary_decoding(device, method, ratio):
     """Same tokens and logits as decoding through the unpinned cache, across clusterings and re-pins
     (headroom 5: the buffers fill and are re-pinned several times in 40 steps)."""
@@ -67,7 +65,7 @@ def test_pinned_decoding_keeps_prefill_padding():
     ids = torch.randint(0, 256, (2, 48))
     mask = torch.ones_like(ids)
     mask[1, :17] = 0
-    cache, ref_cache = _caches("chelsea", 0.5)
+    cache, ref_cache = _caches("chelsea-paper", 0.5)
     got, want, got_logits, want_logits, _ = _decode_both(model, cache, ref_cache, ids, mask, 30)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
@@ -169,7 +167,7 @@ def test_layers_clustered_together_equal_layers_clustered_alone():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method,ratio", [("chelsea", 0.5), ("chelsea", 0.0), ("snapkv", 0.6)])
+@pytest.mark.parametrize("method,ratio", [("chelsea-paper", 0.5), ("chelsea-paper", 0.0), ("snapkv", 0.6)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_micro_batched_prefill_equals_one_pass(method, ratio, padded):
     """Rows prefilled one or two at a time and copied into one cache: the same logits and the same
@@ -236,7 +234,7 @@ def test_fused_layers_decode_like_eager_layers():
     torch.manual_seed(5)
     ids = torch.randint(0, 256, (2, 40))
     mask = torch.ones_like(ids)
-    cache, ref_cache = _caches("chelsea", 0.5)
+    cache, ref_cache = _caches("chelsea-paper", 0.5)
     with torch.no_grad():
         first = model(ids, past_key_values=ref_cache).logits[:, -1:].argmax(-1)
         with GraphDecoder(model, ref_cache, first, headroom=6) as decoder:
@@ -271,7 +269,7 @@ class _Tokenizer:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["chelsea", "h2o"])
+@pytest.mark.parametrize("method", ["chelsea-paper", "h2o"])
 def test_generate_through_the_graph_decoder_gives_model_generate_tokens(device, method):
     """`generate` with pinned, graph-replayed steps (eager on the CPU) against `model.generate`:
     the same tokens and cache statistics, through clusterings (compress_every 8, 40 new tokens)."""

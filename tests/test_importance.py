@@ -374,7 +374,7 @@ def test_fact_weight_keeps_the_layer_budgets_and_calibrates_once_per_model():
     ids = torch.randint(0, 1000, (1, 400), generator=torch.Generator().manual_seed(1))
     caches = {}
     for weight in (0.0, 3.0):
-        cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16, fact_weight=weight, fact_heads=3),
+        cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16, fact_weight=weight, fact_heads=3, repeat_depth="all"),
                                compressor=COMPRESSORS["guided"])
         compress_context(model, cache, ids[:, :300], tokenizer, chunk_size=128)
         caches[weight] = cache
@@ -407,3 +407,75 @@ def test_fact_heads_are_stored_for_the_same_weights_and_calibrated_again_for_oth
         twin.model.layers[0].self_attn.q_proj.weight.mul_(2.0)
     other = importance._stored_fact_heads(twin, ("any",))
     assert other != importance._stored_fact_heads(model, ("any",))
+
+
+def test_chelsea_is_importance_guided_merging_and_the_paper_version_stays_reachable(tmp_path, monkeypatch):
+    from chelsea.generation import generate
+    from chelsea.methods import chunked_soft_matching
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    assert COMPRESSORS["chelsea"] is guided_merge and COMPRESSORS["guided"] is guided_merge
+    assert COMPRESSORS["chelsea-paper"] is chunked_soft_matching
+    model, tokenizer = _tiny()
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=3)
+    default = generate(model, tokenizer, inputs, config=config, max_new_tokens=4, cuda_graph=False)
+    assert len(model._chelsea_fact_heads) == 1  # the default scored the context and asked the fact heads
+    old_name = generate(model, tokenizer, inputs, method="guided", config=config, max_new_tokens=4, cuda_graph=False)
+    paper = generate(model, tokenizer, inputs, method="chelsea-paper", config=config, max_new_tokens=4, cuda_graph=False)
+    assert default.method == "chelsea" and paper.method == "chelsea-paper"
+    assert (default.tokens, default.kv_bytes) == (old_name.tokens, old_name.kv_bytes)
+    assert default.kv_bytes < 0.3 * default.kv_bytes_full and paper.kv_bytes < 0.3 * paper.kv_bytes_full
+
+
+def test_a_shallow_repeat_scores_only_its_layers_and_stops_the_forward_there():
+    from chelsea.compat import cache_arg
+
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(4))
+    config = CompressionConfig(ratio=0.8, window=16)
+    calls = []
+    hook = model.model.layers[2].register_forward_pre_hook(lambda *_: calls.append(1))
+    runs = {}
+    for depth in (None, 2):
+        cache = ClusteredCache(config, compressor=guided_merge)
+        with cache.held(), torch.no_grad():
+            model(ids, **cache_arg(model, cache), use_cache=True)
+            before = [layer.scores.clone() for layer in cache.layers]
+            calls.clear()
+            score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=128, depth=depth)
+        runs[depth] = (cache, before, len(calls))
+    hook.remove()
+    (full, _, full_calls), (shallow, before, shallow_calls) = runs[None], runs[2]
+    assert full_calls > 0 and shallow_calls == full_calls  # the deepest layer is entered, its attention ends the forward
+    for i in range(2):
+        assert torch.equal(shallow.layers[i].scores, full.layers[i].scores)
+    assert torch.equal(shallow.layers[2].scores, before[2]) and not torch.equal(full.layers[2].scores, before[2])
+    assert all(layer.length == 300 and layer.seen == 300 for layer in shallow.layers)
+    shallow.compress_all(even=frozenset({2}))
+    budget = config.budget(300)
+    assert shallow.layers[2].length == budget  # the unscored layer keeps an even share
+    assert sum(layer.length for layer in shallow.layers) == 3 * budget  # the scored ones split the rest
+
+
+def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="facts")
+    deepest = max(layer for layer, _ in importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge)).heads)
+    seen = {}
+    real = importance.score_by_reconstruction
+    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    cache = ClusteredCache(config, compressor=guided_merge)
+    compress_context(model, cache, ids, tokenizer, chunk_size=128)
+    assert seen["depth"] == deepest + 1
+    assert all(layer.length == config.budget(300) for layer in cache.layers[deepest + 1 :])
+    assert sum(layer.length for layer in cache.layers) == 3 * config.budget(300)
+    with pytest.raises(ChelseaError, match="repeat_depth"):
+        CompressionConfig(repeat_depth="half")

@@ -5,7 +5,7 @@ random weights (``llama3-8b``, ``mistral-7b``, ``qwen2.5-7b``): right for speed 
 for accuracy. Prompts are random token ids. For each configuration:
 
 - ``prefill_s``: the prompts' forward pass (``logits_to_keep=1``), clustering included, eager even
-  when the layers are fused (``guided`` and ``kvzip`` rank by the prompt's last queries here, not
+  when the layers are fused (``chelsea`` and ``kvzip`` rank by the prompt's last queries here, not
   by context reconstruction: ``benchmarks/prefill_cost.py`` times that); with ``prefill_batch`` (in each record) the prompts go through that
   many at a time and their entries are copied into one cache (:func:`chelsea.generation.prefill`);
 - ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
@@ -143,7 +143,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
 
         cache = StaticCache(config=model.config, max_cache_len=context + decode_tokens + 8)
     elif method == "full":  # graphed: the uncompressed cache in the buffers and kernel the methods use
-        cache = make_cache("chelsea", CompressionConfig(ratio=0.0))
+        cache = make_cache("chelsea-paper", CompressionConfig(ratio=0.0))
     else:
         cache = make_cache(method, CompressionConfig(ratio=ratio) if method != "clustergen" else None)
     if device.type == "cuda":

@@ -237,7 +237,7 @@ class ClusteredLayer(_CompressedLayer):
         self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
         # Attention-ranked methods (H2O, SnapKV) need the attention each entry has received;
-        # importance-ranked ones (kvzip, guided) a score per entry from chelsea.importance.
+        # importance-ranked ones (kvzip, chelsea) a score per entry from chelsea.importance.
         self.importance = bool(getattr(compressor, "uses_importance", False))
         self.scored = self.importance or bool(getattr(compressor, "uses_attention", False))
         self.observation_window = OBSERVATION_WINDOW if self.importance else getattr(compressor, "observation_window", None)
@@ -851,7 +851,7 @@ class ClusteredCache(Cache):
 
     @property
     def scores_importance(self) -> bool:
-        """Whether the method ranks entries by importance scores (``kvzip``, ``guided``)."""
+        """Whether the method ranks entries by importance scores (``kvzip``, ``chelsea``)."""
         return bool(getattr(self.compressor, "uses_importance", False)) and not isinstance(self.config, ClusterGenConfig)
 
     @contextmanager
@@ -880,11 +880,13 @@ class ClusteredCache(Cache):
         if due:
             compress_together(due)
 
-    def compress_all(self, rerank=None) -> None:
+    def compress_all(self, rerank=None, even: frozenset[int] = frozenset()) -> None:
         """Compress every layer to its budget now. Importance-ranked methods first split the budget
         unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`);
-        ``rerank(layers)``, when given, may then rewrite the layers' scores (``guided``'s fact
-        heads), so the budgets stay the ones the scores asked for."""
+        the layers whose indices are in ``even`` (scored otherwise than the rest, so not
+        comparable) keep an even share and the others split theirs. ``rerank(layers)``, when
+        given, may then rewrite the layers' scores (``chelsea``'s fact heads), so the budgets stay
+        the ones the scores asked for."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers or isinstance(self.config, ClusterGenConfig):
             return
@@ -893,8 +895,9 @@ class ClusteredCache(Cache):
             seen = layers[0].seen
             keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
             if keep > 0 and all(layer.length == seen for layer in layers):
-                regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in layers]
-                for layer, share in zip(layers, layer_shares(regions, keep, cfg.layer_floor)):
+                ranked = [layer for i, layer in enumerate(self.layers) if layer.is_initialized and i not in even]
+                regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in ranked]
+                for layer, share in zip(ranked, layer_shares(regions, keep, cfg.layer_floor)):
                     layer.share = share / keep
         if rerank is not None:
             rerank(layers)

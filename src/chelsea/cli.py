@@ -15,7 +15,7 @@ from .errors import ChelseaError
 from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
 app = typer.Typer(
-    help="Long-context LLM inference with a clustered KV cache (Chelsea chunked soft matching).",
+    help="Long-context LLM inference with a clustered KV cache (Chelsea: important entries kept exact, the rest merged into weighted centroids).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,28 +30,29 @@ DeviceMapOpt = Annotated[
     str | None,
     typer.Option("--device-map", help="Spread the layers over the visible GPUs with accelerate (e.g. auto). For tensor parallelism launch with torchrun instead."),
 ]
-ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Entries searched together for matches (>= 2).")]
+ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="chelsea-paper: entries searched together for matches (>= 2).")]
 SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged.")]
-StepOpt = Annotated[float, typer.Option("--step-fraction", help="Largest share of candidate edges merged per step, in (0, 1].")]
+StepOpt = Annotated[float, typer.Option("--step-fraction", help="chelsea-paper: largest share of candidate edges merged per step, in (0, 1].")]
 DeltaOpt = Annotated[float, typer.Option(help="clustergen: cluster radius, relative to the median key norm (or spread: --radius).")]
 ClusterSamplesOpt = Annotated[int, typer.Option(help="clustergen: member keys kept per cluster.")]
 ValueSamplesOpt = Annotated[int, typer.Option(help="clustergen: (key, value) pairs sampled by value norm (--numerator values).")]
 NumeratorOpt = Annotated[str, typer.Option(help="clustergen: numerator from the cluster members ('clusters') or the paper's value sample ('values').")]
 SpanOpt = Annotated[
     int,
-    typer.Option("--decode-span", help="chelsea: while decoding, re-cluster only the last N entries before the window (0: the whole cache)."),
+    typer.Option("--decode-span", help="chelsea, chelsea-paper: while decoding, re-cluster only the last N entries before the window (0: the whole cache)."),
 ]
 RadiusOpt = Annotated[str, typer.Option(help="clustergen: --delta is relative to the keys' median 'norm' or their 'spread' around their mean.")]
-ImportanceOpt = Annotated[str, typer.Option(help="kvzip, guided: score by context reconstruction attending 'local'ly (sinks + the repeated chunk) or to the 'full' cache, by the prompt's last queries ('window'), or by token surprisal alone ('surprise').")]
-SurpriseOpt = Annotated[float, typer.Option("--surprise-weight", help="guided: weight of each token's surprisal added to its importance.")]
-ExactOpt = Annotated[float, typer.Option("--exact-share", help="guided: share of the kept entries (ranked over the layer's KV heads) kept exact; the rest absorb what is not kept.")]
-SimilarityOpt = Annotated[float, typer.Option("--min-similarity", help="guided: entries less cosine-similar than this to every representative are dropped, not merged.")]
-MergeOpt = Annotated[str, typer.Option(help="guided: a representative becomes the 'centroid' of its members, or keeps its key and averages the 'values'.")]
-OutputNormOpt = Annotated[bool, typer.Option("--output-norm/--no-output-norm", help="kvzip, guided: weight reconstruction attention by the norm of what each value adds to the head's output (KVzip+'s factor); off: the paper's KVzip scores.")]
-FactWeightOpt = Annotated[float, typer.Option("--fact-weight", help="guided: after the layer budgets are split, every layer ranks by its own percentile plus this times the token's percentile in the model's fact heads (found once by a calibration on planted codes); 0: off.")]
-FactHeadsOpt = Annotated[int, typer.Option("--fact-heads", help="guided: how many (layer, KV head) pairs the fact-head calibration chooses.")]
-FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, guided: least budget of a layer, as a fraction of an even split.")]
+ImportanceOpt = Annotated[str, typer.Option(help="kvzip, chelsea: score by context reconstruction attending 'local'ly (sinks + the repeated chunk) or to the 'full' cache, by the prompt's last queries ('window'), or by token surprisal alone ('surprise').")]
+SurpriseOpt = Annotated[float, typer.Option("--surprise-weight", help="chelsea: weight of each token's surprisal added to its importance.")]
+ExactOpt = Annotated[float, typer.Option("--exact-share", help="chelsea: share of the kept entries (ranked over the layer's KV heads) kept exact; the rest absorb what is not kept.")]
+SimilarityOpt = Annotated[float, typer.Option("--min-similarity", help="chelsea: entries less cosine-similar than this to every representative are dropped, not merged.")]
+MergeOpt = Annotated[str, typer.Option(help="chelsea: a representative becomes the 'centroid' of its members, or keeps its key and averages the 'values'.")]
+OutputNormOpt = Annotated[bool, typer.Option("--output-norm/--no-output-norm", help="kvzip, chelsea: weight reconstruction attention by the norm of what each value adds to the head's output (KVzip+'s factor); off: the paper's KVzip scores.")]
+FactWeightOpt = Annotated[float, typer.Option("--fact-weight", help="chelsea: after the layer budgets are split, every layer ranks by its own percentile plus this times the token's percentile in the model's fact heads (found once by a calibration on planted codes); 0: off.")]
+FactHeadsOpt = Annotated[int, typer.Option("--fact-heads", help="chelsea: how many (layer, KV head) pairs the fact-head calibration chooses.")]
+RepeatDepthOpt = Annotated[str, typer.Option("--repeat-depth", help="chelsea with fact heads: the reconstruction repeat stops after the deepest fact head's layer ('facts'; the deeper layers keep the last queries' scores and an even budget) or runs through 'all' layers.")]
+FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, chelsea: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
 ]
@@ -76,7 +77,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 @app.command()
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="Compression of every request unless it asks for another (extra body field chelsea.method).")] = "guided",
+    method: Annotated[str, typer.Option(help="Compression of every request unless it asks for another (extra body field chelsea.method).")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1) (per request: chelsea.ratio).")] = 0.8,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -127,7 +128,7 @@ def generate(
     prompt_file: Annotated[Path, typer.Option("--prompt-file", "-f", help="Text file with the (long) context.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Question appended after the file's text.")] = "",
     model: ModelOpt = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (clustered cache), guided (importance-guided clustering), clustergen (cluster summary + value samples), or the eviction baselines kvzip, streaming, h2o, snapkv, random, knorm.")] = "chelsea",
+    method: Annotated[str, typer.Option(help="full (plain cache), chelsea (importance-guided clustering: important entries exact, the rest merged), chelsea-paper (the paper's chunked soft matching), clustergen (cluster summary + value samples), or the eviction baselines kvzip, streaming, h2o, snapkv, random, knorm. guided: the earlier name of chelsea.")] = "chelsea",
     ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0.8 keeps 20%.")] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -145,6 +146,7 @@ def generate(
     output_norm: OutputNormOpt = True,
     fact_weight: FactWeightOpt = 100.0,
     fact_heads: FactHeadsOpt = 12,
+    repeat_depth: RepeatDepthOpt = "facts",
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -178,7 +180,7 @@ def generate(
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None,
                                    exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                                    importance=importance, surprise_weight=surprise_weight, output_norm=output_norm,
-                                   fact_weight=fact_weight, fact_heads=fact_heads)
+                                   fact_weight=fact_weight, fact_heads=fact_heads, repeat_depth=repeat_depth)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -292,7 +294,7 @@ def eval_(
     out: Annotated[Path, typer.Option(help="Results folder: results.jsonl (raw, appended), summary.csv/.md, plots. Rerun to resume.")],
     model: ModelOpt = DEFAULT_MODEL,
     tasks: Annotated[str, typer.Option(help="Comma-separated: needle, passkey, multikey, multivalue, multiquery, vartrack, cwe, ppl.")] = "needle,passkey",
-    methods: Annotated[str, typer.Option(help="Comma-separated: full, chelsea, guided, kvzip, streaming, h2o, snapkv, random, knorm, clustergen.")] = "full,chelsea,streaming,snapkv",
+    methods: Annotated[str, typer.Option(help="Comma-separated: full, chelsea (importance-guided clustering), chelsea-paper (chunked soft matching), kvzip, streaming, h2o, snapkv, random, knorm, clustergen; guided is the earlier name of chelsea.")] = "full,chelsea,streaming,snapkv",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of the KV cache removed.")] = "0.5,0.8",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
     placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives).")] = "after,before",
@@ -316,6 +318,7 @@ def eval_(
     output_norm: OutputNormOpt = True,
     fact_weight: FactWeightOpt = 100.0,
     fact_heads: FactHeadsOpt = 12,
+    repeat_depth: RepeatDepthOpt = "facts",
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -335,7 +338,8 @@ def eval_(
     cells = plan(**grid)
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
-                 surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads)
+                 surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads,
+                 repeat_depth=repeat_depth)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
@@ -391,7 +395,7 @@ def analyze(
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset with random weights (llama3-8b, mistral-7b, qwen2.5-7b, qwen2.5-0.5b) or a model name/path as elsewhere.")] = DEFAULT_MODEL,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, streaming, h2o, snapkv, random, knorm, clustergen at its default settings).")] = "chelsea",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare with the full cache (chelsea, chelsea-paper, kvzip, streaming, h2o, snapkv, random, knorm, clustergen at its default settings).")] = "chelsea",
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios.")] = "0.8",
     contexts: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "4096",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1",

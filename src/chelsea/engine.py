@@ -120,7 +120,7 @@ class Engine:
 
     ADMIT_ROWS = 8
 
-    def __init__(self, model, tokenizer, *, method: str = "guided", ratio: float = 0.8, max_queue: int = 16,
+    def __init__(self, model, tokenizer, *, method: str = "chelsea", ratio: float = 0.8, max_queue: int = 16,
                  reuse_bytes: int = 8 << 30, max_tokens_limit: int = 1024, max_batch: int = 16,
                  kv_budget: int | None = None):
         if max_batch < 1:
@@ -351,7 +351,7 @@ class Engine:
                 self._guarded(part, lambda name=name, part=part: self._start_on_document(name, part))
 
     def _new_cache(self, method: str, ratio: float) -> ClusteredCache:
-        compressor = COMPRESSORS["chelsea" if method == "full" else method]
+        compressor = COMPRESSORS["chelsea-paper" if method == "full" else method]
         return ClusteredCache(self._config(method, ratio), compressor=compressor)
 
     def _prefill(self, cache, ids: list[int], question: bool) -> torch.Tensor:

@@ -4,7 +4,7 @@ Context reconstruction (:mod:`chelsea.importance`) scores each layer on its own,
 layers of a small model a code's digits are not among the entries that score highest: at 2K tokens
 and 80% removed, Qwen2.5-Coder-0.5B's floor layers kept 0-20% of a planted number's digits, while
 ranking the facts first (an oracle) lifted the eval from about 60 to 97 (``results/issue14``). A
-few (layer, KV head) pairs do rank such tokens near the top. ``guided`` finds them once per model
+few (layer, KV head) pairs do rank such tokens near the top. ``chelsea`` (guided merging) finds them once per model
 by calibration and lends their verdict to every layer: after the layer budgets are split by the
 layers' own scores, each layer ranks its region (between sinks and window) by
 

@@ -149,9 +149,10 @@ def generate(
     """Greedy generation of one prompt (batch of 1) with the chosen cache; returns answer and stats.
 
     ``full`` runs the model's plain SDPA attention with a ``DynamicCache`` (the reference); the
-    other methods (``chelsea``, ``guided``, the eviction baselines ``kvzip``, ``streaming``, ``h2o``, ``snapkv``,
-    ``random``, ``knorm``, and ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
-    ``guided`` and ``kvzip`` score the prompt first (:func:`chelsea.importance.compress_context`,
+    other methods (``chelsea``, importance-guided clustering; ``chelsea-paper``, the paper's chunked
+    soft matching; the eviction baselines ``kvzip``, ``streaming``, ``h2o``, ``snapkv``, ``random``,
+    ``knorm``; and ``clustergen``) run the "chelsea" attention with a :class:`ClusteredCache`.
+    ``chelsea`` and ``kvzip`` score the prompt first (:func:`chelsea.importance.compress_context`,
     context reconstruction by default; its time counts as prefill).
     ``ratio`` in the result is the setting for the ratio-based methods, 0 for ``full`` and ``None`` for
     ``clustergen`` (whose memory follows from its settings; see ``kv_bytes``).

@@ -1,7 +1,7 @@
 """Importance scores for the KV cache: which entries the model needs, computed around the prefill.
 
 Three sources, written into a :class:`chelsea.cache.ClusteredLayer`'s score buffer for the
-methods that rank by importance (``kvzip``, ``guided``):
+methods that rank by importance (``kvzip``, ``chelsea``):
 
 - **Question attention** (what SnapKV looks at): the attention each entry gets from the prompt's
   last :data:`OBSERVATION_WINDOW` queries. Free during any prefill, and the fallback when a plain
@@ -18,7 +18,7 @@ methods that rank by importance (``kvzip``, ``guided``):
   will be. With ``CompressionConfig.output_norm`` (the default) each query head's attention is
   first multiplied by ``||W_h v||``, the norm of what the entry's value adds to that head's output
   through the output projection (the factor KVzip+ multiplies in), over its mean in the layer.
-- **Surprisal** (ours, for ``guided``): how unexpected each context token was to the model,
+- **Surprisal** (ours, for ``chelsea``): how unexpected each context token was to the model,
   ``-log p(token | what came before)``, read off the prefill's own hidden states for the price of
   the output layer. Facts planted in other text (names, numbers, codes) are the least predictable
   tokens; ``surprise_weight * min(1, surprisal / SURPRISE_SCALE)`` is added to every layer's and
@@ -33,9 +33,12 @@ and the chunk they repeat, so the forward costs a linear number of attention rea
 come out of the same attention probabilities, and several chunks repeat side by side in one forward.
 
 :func:`compress_context` is the whole flow: prefill with clustering held back, score, compress
-every layer at once with uneven layer budgets; for ``guided`` (``CompressionConfig.fact_weight``)
+every layer at once with uneven layer budgets; for ``chelsea`` (``CompressionConfig.fact_weight``)
 each layer then ranks by what the model's fact heads agree on (:mod:`chelsea.fact_heads`,
-calibrated on first use by :func:`find_fact_heads`).
+calibrated on first use by :func:`find_fact_heads`), and with ``CompressionConfig.repeat_depth``
+``"facts"`` (the default) the repeat stops after the deepest fact head's layer: the first layer
+past it ends the forward (its attention raises :class:`_RepeatDone`), so the deeper layers cost
+nothing and keep their prefill scores.
 """
 
 from __future__ import annotations
@@ -102,6 +105,17 @@ class Reconstruction:
             return weighted_attention(query, key, value, log_counts, scale=scale)
         v = value if visible is None else value.index_select(2, visible)
         return weighted_attention(query, k, v, bias, scale=scale)
+
+
+class _RepeatDone(Exception):
+    """Raised by the first layer past the repeat's depth: the rest of that forward is not needed."""
+
+
+class _StopRepeat:
+    """A layer's scoring state past the repeat's depth: its attention ends the forward."""
+
+    def attend(self, *args, **kwargs):
+        raise _RepeatDone
 
 
 def output_gram(attention: torch.nn.Module, kv_heads: int) -> torch.Tensor:
@@ -189,7 +203,8 @@ def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overla
 
 
 def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, *, chunk_size: int = 2048,
-                            view: str = "local", keep_scores: bool = False, batch_tokens: int = 16384) -> None:
+                            view: str = "local", keep_scores: bool = False, batch_tokens: int = 16384,
+                            depth: int | None = None) -> None:
     """Fill the importance scores of ``cache`` (prefilled with exactly ``context_ids`` and not yet
     compressed) by asking the model to repeat the context, chunk by chunk; see the module doc.
     ``keep_scores``: raise the scores the prefill left (the question's attention) instead of
@@ -199,7 +214,9 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     that holds only the sinks and each row's chunk (:meth:`ClusteredCache.holding`), up to
     ``batch_tokens`` repeat tokens per forward: the same scores in fewer, fuller forwards (a
     forward of a small model over one 2K chunk waits on the host). The full view repeats one
-    chunk at a time over the whole cache.
+    chunk at a time over the whole cache. ``depth``: the repeat runs through the first ``depth``
+    layers of ``cache`` only (its forwards stop there); the deeper layers keep the scores they
+    had.
 
     Afterwards the cache holds the context's entries again, nothing of the repeats."""
     if view not in VIEWS:
@@ -207,30 +224,34 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     if chunk_size < 16:
         raise ChelseaError(f"the reconstruction chunk size must be at least 16 tokens; got {chunk_size}")
     if not getattr(cache, "scores_importance", False):
-        raise ChelseaError("context reconstruction scores a ClusteredCache whose method ranks by importance (kvzip, guided)")
+        raise ChelseaError("context reconstruction scores a ClusteredCache whose method ranks by importance (kvzip, chelsea)")
     layers = [layer for layer in cache.layers if layer.is_initialized]
     n = context_ids.shape[1]
     if any(layer.has_padding for layer in layers):
         raise ChelseaError("context reconstruction does not take padded batches yet: compress prompts of different lengths one by one")
     if any(layer.length != n or layer.seen != n for layer in layers):
         raise ChelseaError("score the cache right after prefilling the context, before it is compressed")
+    depth = len(cache.layers) if depth is None else depth
     if not keep_scores:
-        for layer in layers:
-            layer.scores.zero_()
+        for layer in cache.layers[:depth]:
+            if layer.is_initialized:
+                layer.scores.zero_()
     sinks = cache.config.sink_tokens
     prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
     grams = output_grams(model, cache) if cache.config.output_norm else [None] * len(cache.layers)
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         if view == "local":
             for part in _side_by_side(prompts, context_ids.shape[0], sinks, batch_tokens):
-                _repeat_side_by_side(model, cache, part, n, sinks, grams)
+                _repeat_side_by_side(model, cache, part, n, sinks, grams, depth)
             return
         for lo, hi, ids in prompts:
-            for layer, gram in zip(cache.layers, grams):
+            for i, (layer, gram) in enumerate(zip(cache.layers, grams)):
                 if layer.is_initialized:
-                    layer.reconstruction = Reconstruction(n, lo, hi, sinks, view, output_gram=gram)
+                    layer.reconstruction = Reconstruction(n, lo, hi, sinks, view, output_gram=gram) if i < depth else _StopRepeat()
             try:
                 model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
+            except _RepeatDone:
+                pass
             finally:
                 for layer in layers:
                     layer.reconstruction = None
@@ -250,25 +271,31 @@ def _side_by_side(prompts, rows: int, sinks: int, batch_tokens: int):
             yield members[start : start + per]
 
 
-def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list) -> None:
+def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, depth: int) -> None:
     """One forward repeating the chunks of ``part`` (``(lo, hi, ids)`` of equal shapes), each row
-    over the sinks and its own chunk at the positions the repeat has after the context; the
-    scores go back to ``cache``'s entries (a sink keeps its largest score over the chunks)."""
+    over the sinks and its own chunk at the positions the repeat has after the context, through
+    the first ``depth`` layers; the scores go back to ``cache``'s entries (a sink keeps its
+    largest score over the chunks)."""
     sinks = min(sinks, part[0][0])
     width, rows = part[0][1] - part[0][0], part[0][2].shape[0]
 
     def visible(t):  # [rows, kv, n, d] -> [chunks * rows, kv, sinks + width, d]
         return torch.cat([torch.cat([t[:, :, :sinks], t[:, :, lo:hi]], dim=2) for lo, hi, _ in part])
 
-    entries = [(visible(layer.keys), visible(layer.values)) if layer.is_initialized else None for layer in cache.layers]
+    entries = [(visible(layer.keys), visible(layer.values)) if layer.is_initialized and i < depth else None
+               for i, layer in enumerate(cache.layers)]
     side = cache.holding(entries)
-    for layer, gram in zip(side.layers, grams):
-        layer.reconstruction = Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram)
+    for i, (layer, gram) in enumerate(zip(side.layers, grams)):
+        layer.reconstruction = (Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram)
+                                if i < depth else _StopRepeat())
     ids = torch.cat([ids for _, _, ids in part])
     positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
     with side.held():
-        model(input_ids=ids, position_ids=positions, **cache_arg(model, side), use_cache=True, logits_to_keep=1)
-    for layer, mine in zip(cache.layers, side.layers):
+        try:
+            model(input_ids=ids, position_ids=positions, **cache_arg(model, side), use_cache=True, logits_to_keep=1)
+        except _RepeatDone:
+            pass
+    for layer, mine in list(zip(cache.layers, side.layers))[:depth]:
         if not layer.is_initialized:
             continue
         got = mine.scores[:, :, : sinks + width].view(len(part), rows, layer.scores.shape[1], sinks + width)
@@ -282,11 +309,13 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
                      reconstruct: str | None = "config", chunk_size: int = 2048, question: bool = False) -> torch.Tensor:
     """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
 
-    For the methods that rank by importance (``kvzip``, ``guided``) the scores come from context
+    For the methods that rank by importance (``kvzip``, ``chelsea``) the scores come from context
     reconstruction (``reconstruct`` is its view, ``"local"`` or ``"full"``; ``None`` keeps the
     prompt's own last-query attention; by default the cache's ``config.importance``) and the
     layers get uneven budgets; every other method
-    compresses as in any prefill. ``question``: ``input_ids`` end with the question (a prompt
+    compresses as in any prefill; with fact heads and ``repeat_depth="facts"`` the repeat runs
+    only down to the deepest fact head, and the deeper layers take an even share of the budget.
+    ``question``: ``input_ids`` end with the question (a prompt
     compressed whole): each entry's score is also at least the largest attention the prompt's
     last :data:`OBSERVATION_WINDOW` queries give it, so what the question reads is kept too.
     Returns the last position's logits ``[batch, 1, vocab]``.
@@ -301,15 +330,18 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
     fact = cache.config.fact_weight if getattr(cache.compressor, "uses_fact_heads", False) and reconstruct is not None else 0.0
     heads = find_fact_heads(model, tokenizer, cache) if fact > 0 else None
-    rerank = None
+    rerank, depth = None, None
     with cache.held(question=question), torch.no_grad():
         if weight > 0 or cache.config.importance == "surprise":
             logits, surprise = _prefill_with_surprisal(model, cache, input_ids, attention_mask)
         else:
             logits = model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
         if reconstruct is not None:
+            if heads is not None and cache.config.repeat_depth == "facts":
+                held = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
+                depth = held[max(layer for layer, _ in heads.heads)] + 1
             score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct,
-                                    keep_scores=question)
+                                    keep_scores=question, depth=depth)
             if heads is not None:
                 rerank = _lend_fact_ranks(cache, heads, fact)
         elif cache.config.importance == "surprise":
@@ -320,7 +352,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
             bonus = weight * (surprise / SURPRISE_SCALE).clamp(max=1.0)
             for layer in cache.layers:
                 layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
-    cache.compress_all(rerank=rerank)
+    cache.compress_all(rerank=rerank, even=frozenset(range(depth or len(cache.layers), len(cache.layers))))
     return logits
 
 

@@ -28,7 +28,7 @@ def _ratio_label(ratio) -> str:
 
 
 def _method_order(method: str) -> tuple:
-    order = ["full", "chelsea", "guided", "kvzip", "clustergen", "streaming", "h2o", "snapkv", "random", "knorm"]
+    order = ["full", "chelsea", "guided", "chelsea-paper", "kvzip", "clustergen", "streaming", "h2o", "snapkv", "random", "knorm"]
     return (order.index(method) if method in order else len(order), method)
 
 

@@ -10,7 +10,7 @@ request with the extra body field ``"chelsea": {"method": ..., "ratio": ..., "do
 (the openai client sends it with ``extra_body``). Decoding is greedy.
 
 Reuse: a registered document is prefilled and compressed once (query-agnostic: the question is not
-known yet, which is what ``guided`` and ``kvzip`` are built for); every request that names it, or
+known yet, which is what ``chelsea`` and ``kvzip`` are built for); every request that names it, or
 whose prompt starts with exactly its tokens, starts from a copy of that compressed cache and only
 reads its own remaining tokens. Documents are kept in least-recently-used order within
 ``--reuse-gib`` of KV memory.

@@ -10,9 +10,14 @@ Methods that rank entries by the attention they receive (``h2o``, ``snapkv``) ca
 ``None`` for all). The cache then keeps a running attention score per entry, passes it in as
 ``scores=`` and gets the kept entries' scores back as a fourth tensor.
 
-Methods that rank by importance (``kvzip``, ``guided``) carry ``uses_importance = True``: the cache
+Methods that rank by importance (``kvzip``, ``chelsea``) carry ``uses_importance = True``: the cache
 keeps a score per entry from :mod:`chelsea.importance` (context reconstruction, or the prompt's last
-queries), passes it and the ``guided`` settings in, and splits the budget unevenly over layers.
+queries), passes it and the guided-merge settings in, and splits the budget unevenly over layers.
+
+``chelsea`` is importance-guided clustering (:func:`guided_merge`): the important entries stay
+exact and the rest are merged into them. ``chelsea-paper`` is the paper's chunked soft matching
+(:func:`chunked_soft_matching`), which merges by similarity alone. ``guided`` is the earlier name
+of ``chelsea`` and still accepted (results written under it stay comparable).
 """
 
 from .chelsea import chunked_soft_matching
@@ -25,7 +30,8 @@ from .snapkv import snapkv_evict
 from .streaming import streaming_evict
 
 COMPRESSORS = {
-    "chelsea": chunked_soft_matching,
+    "chelsea": guided_merge,
+    "chelsea-paper": chunked_soft_matching,
     "guided": guided_merge,
     "kvzip": kvzip_evict,
     "streaming": streaming_evict,
