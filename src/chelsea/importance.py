@@ -141,15 +141,19 @@ def output_weight(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return norms / norms.mean(-1, keepdim=True).clamp_min(1e-12)
 
 
-def output_grams(model, cache) -> list[torch.Tensor | None]:
-    """:func:`output_gram` of every layer of ``model`` that ``cache`` holds (``None`` where empty),
-    each from the attention module with that ``layer_idx`` (the index it passes the cache)."""
+def output_grams(model, cache, depth: int | None = None) -> list[torch.Tensor | None]:
+    """:func:`output_gram` of every layer of ``model`` that ``cache`` holds (``None`` where empty
+    or from layer ``depth`` on), each from the attention module with that ``layer_idx`` (the index
+    it passes the cache)."""
     attentions = {m.layer_idx: m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")}
     grams = []
     for i, layer in enumerate(cache.layers):
-        if layer.is_initialized and i not in attentions:
+        if not layer.is_initialized or (depth is not None and i >= depth):
+            grams.append(None)
+            continue
+        if i not in attentions:
             raise ChelseaError(f"output_norm scoring found no attention module with an o_proj for cache layer {i} (pass --no-output-norm)")
-        grams.append(output_gram(attentions[i], layer.keys.shape[1]) if layer.is_initialized else None)
+        grams.append(output_gram(attentions[i], layer.keys.shape[1]))
     return grams
 
 
@@ -238,7 +242,7 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
                 layer.scores.zero_()
     sinks = cache.config.sink_tokens
     prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
-    grams = output_grams(model, cache) if cache.config.output_norm else [None] * len(cache.layers)
+    grams = output_grams(model, cache, depth) if cache.config.output_norm else [None] * len(cache.layers)
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         if view == "local":
             for part in _side_by_side(prompts, context_ids.shape[0], sinks, batch_tokens):
