@@ -448,6 +448,8 @@ def test_a_shallow_repeat_scores_only_its_layers_and_stops_the_forward_there():
             score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=128, depth=depth)
         runs[depth] = (cache, before, len(calls))
     hook.remove()
+    with pytest.raises(ChelseaError, match="depth"):
+        score_by_reconstruction(model, runs[2][0], ids, tokenizer, depth=0)
     (full, _, full_calls), (shallow, before, shallow_calls) = runs[None], runs[2]
     assert full_calls > 0 and shallow_calls == full_calls  # the deepest layer is entered, its attention ends the forward
     for i in range(2):

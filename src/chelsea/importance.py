@@ -236,6 +236,8 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     if any(layer.length != n or layer.seen != n for layer in layers):
         raise ChelseaError("score the cache right after prefilling the context, before it is compressed")
     depth = len(cache.layers) if depth is None else depth
+    if not isinstance(depth, int) or not 1 <= depth <= len(cache.layers):
+        raise ChelseaError(f"the repeat's depth must be between 1 and the cache's {len(cache.layers)} layers; got {depth!r}")
     if not keep_scores:
         for layer in cache.layers[:depth]:
             if layer.is_initialized:
