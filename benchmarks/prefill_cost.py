@@ -40,8 +40,8 @@ SETTINGS = [  # (label, method, importance, other CompressionConfig settings)
     ("guided local", "guided", "local", {"output_norm": False, "fact_weight": 0.0}),
     ("kvzip local norm", "kvzip", "local", {"output_norm": True}),
     ("guided local norm", "guided", "local", {"output_norm": True, "fact_weight": 0.0}),
-    ("guided local facts", "guided", "local", {"output_norm": True, "fact_weight": 100.0}),  # the defaults
-    ("guided local facts shallow", "guided", "local", {"output_norm": True, "fact_weight": 100.0, "repeat_depth": "facts"}),
+    ("guided local facts", "guided", "local", {"output_norm": True, "fact_weight": 100.0, "repeat_depth": "all"}),
+    ("guided local facts shallow", "guided", "local", {"output_norm": True, "fact_weight": 100.0, "repeat_depth": "facts"}),  # the defaults
     ("kvzip full", "kvzip", "full", {"output_norm": False}),
     ("guided full", "guided", "full", {"output_norm": False, "fact_weight": 0.0}),
 ]

@@ -33,7 +33,7 @@ from chelsea.methods import COMPRESSORS
 from chelsea.models import load_model
 
 
-def scores_of(model, ids, *, reconstruction: bool) -> list[torch.Tensor]:
+def scores_of(model, tokenizer, ids, *, reconstruction: bool) -> list[torch.Tensor]:
     config = CompressionConfig(ratio=0.8)
     cache = cache_module.ClusteredCache(config, compressor=COMPRESSORS["kvzip"])
     with cache.held(question=not reconstruction), torch.no_grad():
@@ -61,17 +61,21 @@ def consensus_hits(scores, heads, positions) -> float:
     agreed = consensus(scores, heads, cfg.sink_tokens, cfg.window)  # [prompts, region]
     k = max(1, int(TOP_SHARE * agreed.shape[-1]))
     top = agreed.topk(k, dim=-1).indices
-    found = [sum(int(p - cfg.sink_tokens in set(top[row].tolist())) for p in pos) / len(pos) for row, pos in enumerate(positions)]
+    found = []
+    for row, pos in enumerate(positions):
+        kept = set(top[row].tolist())
+        found.append(sum(p - cfg.sink_tokens in kept for p in pos) / len(pos))
     return sum(found) / len(found)
 
 
 rows = {}
-runs = {"reconstruction": (scores_of(model, ids, reconstruction=True), scores_of(model, test_ids, reconstruction=True))}
+runs = {"reconstruction": (scores_of(model, tokenizer, ids, reconstruction=True),
+                           scores_of(model, tokenizer, test_ids, reconstruction=True))}
 cache_module.OBSERVATION_WINDOW = None  # every prefill query counts, not only the last 32
-runs["prefill"] = (scores_of(model, ids, reconstruction=False), scores_of(model, test_ids, reconstruction=False))
-for name, (scores, test_scores) in runs.items():
-    hits = head_hits(scores, positions, cfg.sink_tokens, cfg.window)
-    chosen = choose_heads(hits, args.heads)
+runs["prefill"] = (scores_of(model, tokenizer, ids, reconstruction=False), scores_of(model, tokenizer, test_ids, reconstruction=False))
+hits = {name: head_hits(scores, positions, cfg.sink_tokens, cfg.window) for name, (scores, _) in runs.items()}
+for name, (_, test_scores) in runs.items():
+    chosen = choose_heads(hits[name], args.heads)
     rows[name] = {"heads": chosen.heads, "hit_rate": [round(r, 3) for r in chosen.hit_rate],
                   "mean_top": round(sum(chosen.hit_rate) / len(chosen.hit_rate), 3),
                   "deepest_layer": max(layer for layer, _ in chosen.heads),
@@ -80,11 +84,10 @@ for name, (scores, test_scores) in runs.items():
           f"prompts: {rows[name]['consensus_held_out']:.3f}; deepest layer {rows[name]['deepest_layer']}; best "
           + ", ".join(f"L{l}h{h} {r:.2f}" for (l, h), r in list(zip(chosen.heads, chosen.hit_rate))[:6]))
 # A shorter repeat: the heads chosen only among the first `depth` layers (the repeat would stop there).
-scores, test_scores = runs["reconstruction"]
-hits = head_hits(scores, positions, cfg.sink_tokens, cfg.window)
+test_scores = runs["reconstruction"][1]
 rows["reconstruction_by_depth"] = {}
-for depth in (4, 6, 8, 10, 12, 17, hits.shape[0]):
-    chosen = choose_heads(hits[:depth], args.heads)
+for depth in (4, 6, 8, 10, 12, 17, hits["reconstruction"].shape[0]):
+    chosen = choose_heads(hits["reconstruction"][:depth], args.heads)
     rows["reconstruction_by_depth"][depth] = round(consensus_hits(test_scores[:depth], chosen, test_positions), 3)
 print("reconstruction heads from the first N layers only, consensus on other prompts: "
       + ", ".join(f"N={d} {v:.3f}" for d, v in rows["reconstruction_by_depth"].items()))
