@@ -1,24 +1,63 @@
-"""Where the time of one ``compress_context`` goes: torch.profiler over kvzip with local context
-reconstruction, one sequence, on the GPU.
+"""Where the time of one ``compress_context`` goes, on the GPU, one sequence: the wall time of
+each phase (prefill, fact-head lookup, the reconstruction repeat, the layer budgets, the fact-head
+ranks, the clustering; CUDA-synchronised around each), then torch.profiler's operators by their
+CUDA time.
 
-    python benchmarks/profile_reconstruction.py --tokenizer .gpu/qwen-tokenizer > profile.txt
+    python benchmarks/profile_reconstruction.py --method chelsea --tokenizer .gpu/qwen-tokenizer > profile.txt
 
 ``--model`` is a preset of ``chelsea bench`` (random weights: right for timing only) or a model
 name; a preset needs ``--tokenizer``, a folder with a chat template (for the repeat prompt). One
-warm-up call, then one profiled call; prints the operators by their CUDA time.
+warm-up call (it also calibrates the fact heads), then ``--repeats`` timed calls (the phase table
+is their median) and one profiled call (of one phase alone with ``--phase``). ``--json`` writes
+the phase table.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
+import json
+import statistics
+import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import chelsea.cache
+import chelsea.importance
 from chelsea.bench import load_with_tokenizer
 from chelsea.config import CompressionConfig
 from chelsea.generation import make_cache, use_method
 from chelsea.importance import compress_context
+
+PHASES = {  # phase -> (module, function) timed around every call
+    "fact-head lookup": (chelsea.importance, "find_fact_heads"),
+    "reconstruction repeat": (chelsea.importance, "score_by_reconstruction"),
+    "layer budgets": (chelsea.cache, "layer_shares"),
+    "fact-head ranks": (chelsea.importance, "_lend_fact_ranks"),
+    "clustering": (chelsea.cache, "compress_together"),
+}
+
+
+def _timed(spent: dict, name: str, fn, only: dict):
+    def wrapper(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        if only.get("phase") == name and only.get("on"):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                out = fn(*args, **kwargs)
+                torch.cuda.synchronize()
+            only["profiles"].append(prof)
+        else:
+            out = fn(*args, **kwargs)
+        if name == "fact-head ranks":  # returns the rerank step compress_all runs later: time that
+            out = _timed(spent, name, out, only)
+        torch.cuda.synchronize()
+        spent[name] += time.perf_counter() - start
+        return out
+    return wrapper
 
 
 def main() -> None:
@@ -26,25 +65,65 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-0.5b")
     parser.add_argument("--tokenizer", help="tokenizer folder (needed with a preset)")
     parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--method", default="kvzip", choices=["kvzip", "guided"])
+    parser.add_argument("--method", default="chelsea", choices=["kvzip", "chelsea"])
     parser.add_argument("--importance", default="local", choices=["local", "full"])
-    parser.add_argument("--rows", type=int, default=25, help="operators to print")
+    parser.add_argument("--repeat-depth", default="facts", choices=["facts", "all"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25, help="operators to print (0: no profiled call)")
+    parser.add_argument("--json", help="write the phase table here")
+    parser.add_argument("--set", default="", help="other CompressionConfig settings, e.g. 'repeat_chunk=1024,surprise_weight=0'")
+    parser.add_argument("--batch-tokens", type=int, help="repeat tokens per forward (score_by_reconstruction's batch_tokens)")
+    parser.add_argument("--phase", choices=list(PHASES), help="profile only this phase's operators")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this profile is of the GPU path: run it on a CUDA machine")
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
     use_method(model, args.method)
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
+    if args.batch_tokens:
+        chelsea.importance.score_by_reconstruction = functools.partial(chelsea.importance.score_by_reconstruction,
+                                                                       batch_tokens=args.batch_tokens)
+    spent: dict[str, float] = defaultdict(float)
+    only = {"phase": args.phase, "on": False, "profiles": []}
+    for name, (module, attr) in PHASES.items():
+        setattr(module, attr, _timed(spent, name, getattr(module, attr), only))
 
-    def once() -> None:
-        cache = make_cache(args.method, CompressionConfig(ratio=0.8, importance=args.importance))
+    knobs = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set.split(",") if item)}
+
+    def once() -> float:
+        cache = make_cache(args.method, CompressionConfig(ratio=0.8, importance=args.importance, repeat_depth=args.repeat_depth, **knobs))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         with torch.inference_mode():
             compress_context(model, cache, ids, tokenizer)
         torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     once()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    runs = []
+    for _ in range(args.repeats):
+        spent.clear()
+        total = once()
+        runs.append({"total": total, **spent, "prefill and the rest": total - sum(spent.values())})
+    table = {name: statistics.median(run.get(name, 0.0) for run in runs) for name in runs[0]}
+    print(f"{'phase':<24} {'ms':>9}")
+    for name, seconds in table.items():
+        print(f"{name:<24} {1000 * seconds:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "device": torch.cuda.get_device_name(), "model": args.model, "tokens": args.tokens,
+                       "method": args.method, "importance": args.importance, "repeat_depth": args.repeat_depth,
+                       **knobs, "batch_tokens": args.batch_tokens, "torch": torch.__version__, "ms": {k: round(1000 * v, 2) for k, v in table.items()}}, f, indent=1)
+    if args.rows == 0:
+        return
+    if args.phase:
+        only["on"] = True
         once()
+        prof = only["profiles"][0]
+    else:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            once()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

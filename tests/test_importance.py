@@ -1,6 +1,8 @@
 """Importance-ranked compression: kvzip eviction, importance-guided merging, layer budgets and
 context-reconstruction scoring."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -481,3 +483,27 @@ def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypa
     assert sum(layer.length for layer in cache.layers) == 3 * config.budget(300)
     with pytest.raises(ChelseaError, match="repeat_depth"):
         CompressionConfig(repeat_depth="half")
+
+
+def test_fact_layers_keeps_the_fact_heads_and_the_repeat_in_the_first_layers(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=4, fact_layers=1, repeat_chunk=96)
+    heads = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge))
+    assert {layer for layer, _ in heads.heads} == {0}
+    wider = importance.find_fact_heads(model, tokenizer, ClusteredCache(replace(config, fact_layers=None), compressor=guided_merge))
+    assert any(layer > 0 for layer, _ in wider.heads)  # 4 heads from 2 KV heads per layer: not all in layer 0
+    seen = {}
+    real = importance.score_by_reconstruction
+    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    cache = ClusteredCache(config, compressor=guided_merge)
+    compress_context(model, cache, ids, tokenizer)
+    assert seen["depth"] == 1 and seen["chunk_size"] == 96  # the config's repeat chunk, when none is passed
+    assert sum(layer.length for layer in cache.layers) == 3 * config.budget(300)
+    for bad in ({"fact_layers": 0}, {"repeat_chunk": 8}):
+        with pytest.raises(ChelseaError, match=next(iter(bad))):
+            CompressionConfig(**bad)

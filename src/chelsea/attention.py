@@ -5,7 +5,7 @@ A centroid that stands for ``n`` tokens gets ``log n`` added to its attention lo
 gives exactly the attention output of those ``n`` tokens. Padding entries carry log-count ``-inf``.
 
 :func:`weighted_attention` is the exact PyTorch path (scaled-dot-product attention with an additive
-bias), usable on CPU and GPU; on CUDA, decoding (up to 16 new tokens) runs the Triton kernel of
+bias; while no entry carries a count, the fused causal kernel without a mask), usable on CPU and GPU; on CUDA, decoding (up to 16 new tokens) runs the Triton kernel of
 :mod:`chelsea.kernels` instead, which gives the same results. :func:`register` plugs it into transformers under the name
 ``"chelsea"``, both as an attention function and as a mask function, so ``model.generate`` runs
 unchanged once ``model.set_attn_implementation("chelsea")`` has been called.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .kernels import kernel_applies, run_kernel
 
@@ -62,22 +63,22 @@ def weighted_attention(
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=bias, scale=scale)
         return out.reshape(batch, heads, 1, -1)
 
-    if log_counts is None and q_len == n:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=groups > 1)
+    if log_counts is None:
+        # Causal aligned to the last key: a fused kernel that builds no mask, also when past > 0.
+        mask = None if q_len == n else causal_lower_right(q_len, n)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=q_len == n, scale=scale,
+                                              enable_gqa=groups > 1)
 
     past = n - q_len
     rows = torch.arange(q_len, device=query.device)[:, None]
     cols = torch.arange(n, device=query.device)[None, :] - past
     causal = torch.zeros(q_len, n, device=query.device, dtype=torch.float32)
     causal = causal.masked_fill(cols > rows, float("-inf"))
-    if log_counts is None:
-        bias = causal[None, None]
-    else:
-        bias = log_counts.float()[:, :, None, :] + causal
-        # A padding query still sees itself, so its (unused) output stays finite instead of NaN.
-        bias = bias.masked_fill((cols == rows)[None, None] & bias.isneginf(), 0.0)
-        if bias.shape[1] > 1 and groups > 1:
-            bias = bias.repeat_interleave(groups, dim=1)
+    bias = log_counts.float()[:, :, None, :] + causal
+    # A padding query still sees itself, so its (unused) output stays finite instead of NaN.
+    bias = bias.masked_fill((cols == rows)[None, None] & bias.isneginf(), 0.0)
+    if bias.shape[1] > 1 and groups > 1:
+        bias = bias.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=bias.to(query.dtype), scale=scale, enable_gqa=groups > 1
     )

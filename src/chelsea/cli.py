@@ -52,6 +52,8 @@ OutputNormOpt = Annotated[bool, typer.Option("--output-norm/--no-output-norm", h
 FactWeightOpt = Annotated[float, typer.Option("--fact-weight", help="chelsea: after the layer budgets are split, every layer ranks by its own percentile plus this times the token's percentile in the model's fact heads (found once by a calibration on planted codes); 0: off.")]
 FactHeadsOpt = Annotated[int, typer.Option("--fact-heads", help="chelsea: how many (layer, KV head) pairs the fact-head calibration chooses.")]
 RepeatDepthOpt = Annotated[str, typer.Option("--repeat-depth", help="chelsea with fact heads: the reconstruction repeat stops after the deepest fact head's layer ('facts'; the deeper layers keep the last queries' scores and an even budget) or runs through 'all' layers.")]
+FactLayersOpt = Annotated[int, typer.Option("--fact-layers", help="chelsea: choose the fact heads among the first N layers only, so the repeat (--repeat-depth facts) runs through at most N layers; 0: any layer.")]
+RepeatChunkOpt = Annotated[int, typer.Option("--repeat-chunk", help="kvzip, chelsea: context tokens repeated per chunk by the reconstruction (its attention work grows with the chunk).")]
 FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, chelsea: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
@@ -147,6 +149,8 @@ def generate(
     fact_weight: FactWeightOpt = 100.0,
     fact_heads: FactHeadsOpt = 12,
     repeat_depth: RepeatDepthOpt = "facts",
+    fact_layers: FactLayersOpt = 0,
+    repeat_chunk: RepeatChunkOpt = 2048,
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -180,7 +184,8 @@ def generate(
         config = CompressionConfig(ratio, chunk_size, sinks, window, step_fraction, compress_every, decode_span or None,
                                    exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                                    importance=importance, surprise_weight=surprise_weight, output_norm=output_norm,
-                                   fact_weight=fact_weight, fact_heads=fact_heads, repeat_depth=repeat_depth)
+                                   fact_weight=fact_weight, fact_heads=fact_heads, repeat_depth=repeat_depth,
+                                   fact_layers=fact_layers or None, repeat_chunk=repeat_chunk)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -319,6 +324,8 @@ def eval_(
     fact_weight: FactWeightOpt = 100.0,
     fact_heads: FactHeadsOpt = 12,
     repeat_depth: RepeatDepthOpt = "facts",
+    fact_layers: FactLayersOpt = 0,
+    repeat_chunk: RepeatChunkOpt = 2048,
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -339,7 +346,7 @@ def eval_(
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                  surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads,
-                 repeat_depth=repeat_depth)
+                 repeat_depth=repeat_depth, fact_layers=fact_layers or None, repeat_chunk=repeat_chunk)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)

@@ -75,6 +75,12 @@ class CompressionConfig:
             Qwen2.5-Coder-0.5B (fact heads down to layer 16 of 24) that took the prefill at 32K
             from 3.85x to 3.24x the plain one, with the same scores at 80% removed and higher ones
             at 90% (``results/issue14``). ``"all"``: the repeat runs through every layer.
+        fact_layers: ``chelsea``: the calibration chooses fact heads only among the first this
+            many layers (``None``: any layer). With ``repeat_depth="facts"`` the repeat then runs
+            through at most that many layers: fewer layers, a cheaper prefill.
+        repeat_chunk: ``kvzip`` and ``chelsea``, reconstruction scores only. Tokens of context
+            repeated per chunk: with the local view each repeating query attends to the sinks,
+            its chunk and the repeat, so the attention work grows with the chunk.
     """
 
     ratio: float = 0.5
@@ -95,6 +101,8 @@ class CompressionConfig:
     fact_weight: float = 100.0
     fact_heads: int = 12
     repeat_depth: str = "facts"
+    fact_layers: int | None = None
+    repeat_chunk: int = 2048
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -131,6 +139,10 @@ class CompressionConfig:
             raise ChelseaError(f"fact_heads must be an integer >= 1; got {self.fact_heads!r}")
         if self.repeat_depth not in ("all", "facts"):
             raise ChelseaError(f"repeat_depth must be 'all' or 'facts' (stop after the deepest fact head); got {self.repeat_depth!r}")
+        if self.fact_layers is not None and (not isinstance(self.fact_layers, int) or self.fact_layers < 1):
+            raise ChelseaError(f"fact_layers must be an integer >= 1 (the first layers fact heads are chosen from) or None; got {self.fact_layers!r}")
+        if not isinstance(self.repeat_chunk, int) or self.repeat_chunk < 16:
+            raise ChelseaError(f"repeat_chunk must be an integer >= 16 (tokens repeated per chunk); got {self.repeat_chunk!r}")
         if self.output_norm not in (True, False):
             raise ChelseaError(f"output_norm must be true or false; got {self.output_norm!r}")
         object.__setattr__(self, "output_norm", bool(self.output_norm))

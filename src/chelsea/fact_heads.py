@@ -136,14 +136,12 @@ def choose_heads(hits: torch.Tensor, count: int) -> FactHeads:
 def consensus(scores: list[torch.Tensor], heads: FactHeads, lo: int, window: int) -> torch.Tensor:
     """``[batch, n_region]``: each region entry's mean percentile over the fact heads, from the
     per-layer scores ``[batch, kv_heads, n]`` (all layers hold the same ``n`` entries)."""
-    parts = []
-    for layer, head in heads.heads:
-        region = scores[layer][:, head, lo : scores[layer].shape[-1] - window]
-        parts.append(_percentiles(region))
-    return torch.stack(parts).mean(0)
+    regions = torch.stack([scores[layer][:, head, lo : scores[layer].shape[-1] - window] for layer, head in heads.heads])
+    return _percentiles(regions).mean(0)
 
 
 def lend_ranks(region: torch.Tensor, agreed: torch.Tensor, weight: float) -> torch.Tensor:
-    """A layer's new region scores ``[batch, kv_heads, m]``: its own percentile per (row, head)
-    plus ``weight`` times the fact heads' ``agreed`` percentile ``[batch, m]``."""
+    """A layer's new region scores ``[batch, kv_heads, m]`` (or several layers' stacked,
+    ``[layers, batch, kv_heads, m]``): its own percentile per (row, head) plus ``weight`` times
+    the fact heads' ``agreed`` percentile ``[batch, m]``."""
     return _percentiles(region) + weight * agreed[:, None, :].to(region.device)

@@ -137,7 +137,8 @@ def output_weight(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``[batch, kv_heads, groups, n]``: ``||W_h v||`` of every value ``[batch, kv_heads, n, d]``
     for each query head reading it, divided by its mean over the ``n`` entries."""
     v = values.float()
-    norms = torch.einsum("bknd,kgde,bkne->bkgn", v, gram.to(v.device), v).clamp_min(0).sqrt()
+    projected = torch.matmul(v[:, :, None], gram.to(v.device)[None])  # [batch, kv_heads, groups, n, d]: one batched matmul
+    norms = (projected * v[:, :, None]).sum(-1).clamp_min(0).sqrt()
     return norms / norms.mean(-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -312,7 +313,7 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, de
 
 
 def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
-                     reconstruct: str | None = "config", chunk_size: int = 2048, question: bool = False) -> torch.Tensor:
+                     reconstruct: str | None = "config", chunk_size: int | None = None, question: bool = False) -> torch.Tensor:
     """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
 
     For the methods that rank by importance (``kvzip``, ``chelsea``) the scores come from context
@@ -324,6 +325,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     ``question``: ``input_ids`` end with the question (a prompt
     compressed whole): each entry's score is also at least the largest attention the prompt's
     last :data:`OBSERVATION_WINDOW` queries give it, so what the question reads is kept too.
+    ``chunk_size``: tokens repeated per chunk (by default the cache's ``config.repeat_chunk``).
     Returns the last position's logits ``[batch, 1, vocab]``.
     Continue with ``model.generate(input_ids=<context + question>, past_key_values=cache, ...)``.
     """
@@ -346,7 +348,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
             if heads is not None and cache.config.repeat_depth == "facts":
                 held = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
                 depth = held[max(layer for layer, _ in heads.heads)] + 1
-            score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size, view=reconstruct,
+            score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size or cache.config.repeat_chunk, view=reconstruct,
                                     keep_scores=question, depth=depth)
             if heads is not None:
                 rerank = _lend_fact_ranks(cache, heads, fact)
@@ -367,10 +369,11 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
     ``cache``: calibrated on first use (one prefill and reconstruction of
     :data:`~chelsea.fact_heads.CALIBRATION_PROMPTS` short prompts in a cache like ``cache``),
     remembered on the model and stored in the model cache folder (``$CHELSEA_CACHE_DIR``) for the
-    same weights and settings. Layer indices count the layers the cache holds."""
+    same weights and settings. Layer indices count the layers the cache holds; with
+    ``config.fact_layers`` the heads are chosen among the first that many layers only."""
     cfg = cache.config
     view = cfg.importance if cfg.importance in VIEWS else "local"
-    key = (cfg.output_norm, cfg.sink_tokens, cfg.window, cfg.fact_heads, view)
+    key = (cfg.output_norm, cfg.sink_tokens, cfg.window, cfg.fact_heads, view) + ((cfg.fact_layers,) if cfg.fact_layers else ())
     memo = model.__dict__.setdefault("_chelsea_fact_heads", {})
     stored = None if key in memo else _stored_fact_heads(model, key)
     if stored is not None and stored.is_file():
@@ -388,8 +391,9 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
         ids, probe = ids.to(model.device), cache.empty_like()
         with probe.held(), torch.no_grad():
             model(ids, **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
-            score_by_reconstruction(model, probe, ids, tokenizer, view=view)
-        scores = [layer.scores for layer in probe.layers if layer.is_initialized]
+            depth = None if cfg.fact_layers is None else min(cfg.fact_layers, len(probe.layers))
+            score_by_reconstruction(model, probe, ids, tokenizer, view=view, depth=depth)
+        scores = [layer.scores for layer in probe.layers if layer.is_initialized][: cfg.fact_layers]
         memo[key] = choose_heads(head_hits(scores, positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
         log.info("fact heads (layer, KV head: share of the calibration codes in its top 10%%): %s",
                  ", ".join(f"L{l}h{h} {r:.2f}" for (l, h), r in zip(memo[key].heads, memo[key].hit_rate)))
@@ -423,8 +427,12 @@ def _lend_fact_ranks(cache, heads: FactHeads, weight: float):
     agreed = consensus([layer.scores for layer in cache.layers if layer.is_initialized], heads, cfg.sink_tokens, cfg.window)
 
     def rerank(layers):
-        for layer in layers:
-            region = layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window]
+        regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in layers]
+        if len({r.shape for r in regions}) == 1:  # one sort for all layers
+            for region, ranked in zip(regions, lend_ranks(torch.stack(regions), agreed, weight)):
+                region.copy_(ranked)
+            return
+        for region in regions:
             region.copy_(lend_ranks(region, agreed, weight))
     return rerank
 
