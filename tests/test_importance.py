@@ -507,3 +507,36 @@ def test_fact_layers_keeps_the_fact_heads_and_the_repeat_in_the_first_layers(tmp
     for bad in ({"fact_layers": 0}, {"repeat_chunk": 8}):
         with pytest.raises(ChelseaError, match=next(iter(bad))):
             CompressionConfig(**bad)
+
+
+def test_in_forward_scores_rank_every_entry_by_the_newest_block_until_a_context_pass_scored_them(monkeypatch):
+    import chelsea.cache as cache_module
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)).eval()
+    use_method(model, "kvzip")
+    calls = []
+
+    def numbered(query, key, log_counts=None, **_):  # the n-th scoring gives every entry 1 / n
+        calls.append(1)
+        return torch.full(key.shape[:3], 1.0 / len(calls))
+
+    monkeypatch.setattr(cache_module, "attention_mass", numbered)
+    ids = torch.randint(0, 256, (1, 200))
+    config = CompressionConfig(ratio=0.5, window=16)
+    cache = ClusteredCache(config, compressor=kvzip_evict)
+    with torch.no_grad():
+        model(ids[:, :100], past_key_values=cache, use_cache=True)
+        model(ids[:, 100:], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape[2] == config.budget(200)
+    assert torch.all(cache.layers[0].scores == 1.0 / 3)  # layer 0's scoring in the second forward, old entries too
+
+    calls.clear()
+    scored = ClusteredCache(config, compressor=kvzip_evict)
+    compress_context(model, scored, ids[:, :100], reconstruct=None)  # the prompt's own last queries: 1 / 1 in layer 0
+    assert not any(layer.rescore for layer in scored.layers)
+    with torch.no_grad():
+        model(ids[:, 100:], past_key_values=scored, use_cache=True)
+    kept = scored.layers[0].scores
+    assert bool((kept == 1.0).any()) and bool((kept == 1.0 / 3).any())  # the context's scores stay beside the new ones

@@ -242,6 +242,10 @@ class ClusteredLayer(_CompressedLayer):
         self.scored = self.importance or bool(getattr(compressor, "uses_attention", False))
         self.observation_window = OBSERVATION_WINDOW if self.importance else getattr(compressor, "observation_window", None)
         self.reconstruction: Reconstruction | None = None  # set during a context-reconstruction forward
+        # Importance layers scored inside the forward (no compress_context pass): every forward of
+        # several tokens ranks all entries by its last queries, so scores from different blocks
+        # never compete. Off once compress_context has scored the whole context.
+        self.rescore = True
         self.share = 1.0  # this layer's budget beyond sinks and window, relative to an even split
         if self.scored:
             self._buffers = (*ClusteredLayer._buffers, "_score_buf")
@@ -285,7 +289,10 @@ class ClusteredLayer(_CompressedLayer):
             if self.new_tokens > 1:  # the new entries' first score; decoded tokens start at 0
                 score = largest_attention_received if self.question else attention_mass
                 mass = score(query, key, self.attention_log_counts(), scale=scale, last=self.observation_window)
-                self.scores[:, :, -self.new_tokens :] = mass[:, :, -self.new_tokens :]
+                if self.rescore:
+                    self.scores.copy_(mass)
+                else:
+                    self.scores[:, :, -self.new_tokens :] = mass[:, :, -self.new_tokens :]
         elif self.scored:
             last = self.observation_window if self.new_tokens > 1 else None
             self.scores.add_(attention_mass(query, key, self.attention_log_counts(), scale=scale, last=last))
@@ -388,6 +395,7 @@ class ClusteredLayer(_CompressedLayer):
                 self.row_padding = torch.zeros(batch, dtype=torch.long, device=self.device)
             self.row_padding[start : start + rows] = 0 if part.row_padding is None else part.row_padding
         self.has_merged |= part.has_merged
+        self.rescore &= part.rescore
         self.compressions = max(self.compressions, part.compressions)
         self.skipped_compressions = max(self.skipped_compressions, part.skipped_compressions)
 
@@ -630,6 +638,7 @@ class ClusteredLayer(_CompressedLayer):
                                     ((self.row_since, ours, self.since_compression), (part.row_since, theirs, part.since_compression))])
         self.seen, self.length = seen, length
         self.has_merged |= part.has_merged
+        self.rescore &= part.rescore
         self.compressions = max(self.compressions, part.compressions)
 
     def keep_rows(self, rows: list[int]) -> None:

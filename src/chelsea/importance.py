@@ -6,7 +6,10 @@ methods that rank by importance (``kvzip``, ``chelsea``):
 - **Question attention** (what SnapKV looks at): the attention each entry gets from the prompt's
   last :data:`OBSERVATION_WINDOW` queries. Free during any prefill, and the fallback when a plain
   ``model.generate`` runs without a reconstruction pass; it only knows a question that is in the
-  prompt. When :func:`compress_context` is told the prompt ends with the question, it is the
+  prompt. Where the cache compresses inside the forward (text read in blocks, as the eval's
+  perplexity does), each block's last queries score every entry again, old ones too, so entries
+  scored by different blocks never compete (``ClusteredLayer.rescore``; off once
+  :func:`compress_context` has scored the whole context). When :func:`compress_context` is told the prompt ends with the question, it is the
   largest attention of those queries (a probability, like the reconstruction scores) and an
   entry keeps the larger of the two scores.
 - **Context reconstruction** (KVzip's idea, arXiv 2505.23416): after the context, the model is
@@ -360,6 +363,8 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
             bonus = weight * (surprise / SURPRISE_SCALE).clamp(max=1.0)
             for layer in cache.layers:
                 layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
+    for layer in cache.layers:  # these scores read the whole context: later forwards only add theirs
+        layer.rescore = False
     cache.compress_all(rerank=rerank, even=frozenset(range(depth or len(cache.layers), len(cache.layers))))
     return logits
 
