@@ -5,8 +5,9 @@ A centroid that stands for ``n`` tokens gets ``log n`` added to its attention lo
 gives exactly the attention output of those ``n`` tokens. Padding entries carry log-count ``-inf``.
 
 :func:`weighted_attention` is the exact PyTorch path (scaled-dot-product attention with an additive
-bias; while no entry carries a count, the fused causal kernel without a mask), usable on CPU and GPU; on CUDA, decoding (up to 16 new tokens) runs the Triton kernel of
-:mod:`chelsea.kernels` instead, which gives the same results. :func:`register` plugs it into transformers under the name
+bias; while no entry carries a count, the fused causal kernel without a mask), usable on CPU and
+GPU; on CUDA, decoding (up to 16 new tokens) runs the Triton kernel of :mod:`chelsea.kernels`
+instead, which gives the same results. :func:`register` plugs it into transformers under the name
 ``"chelsea"``, both as an attention function and as a mask function, so ``model.generate`` runs
 unchanged once ``model.set_attn_implementation("chelsea")`` has been called.
 """

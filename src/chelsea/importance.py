@@ -9,9 +9,9 @@ methods that rank by importance (``kvzip``, ``chelsea``):
   prompt. Where the cache compresses inside the forward (text read in blocks, as the eval's
   perplexity does), each block's last queries score every entry again, old ones too, so entries
   scored by different blocks never compete (``ClusteredLayer.rescore``; off once
-  :func:`compress_context` has scored the whole context). When :func:`compress_context` is told the prompt ends with the question, it is the
-  largest attention of those queries (a probability, like the reconstruction scores) and an
-  entry keeps the larger of the two scores.
+  :func:`compress_context` has scored the whole context). When :func:`compress_context` is told
+  the prompt ends with the question, it is the largest attention of those queries (a
+  probability, like the reconstruction scores) and an entry keeps the larger of the two scores.
 - **Context reconstruction** (KVzip's idea, arXiv 2505.23416): after the context, the model is
   asked to repeat it ("Repeat the previous context exactly, starting from: <last words of the
   previous chunk>", then the chunk itself as the reply), chunk by chunk. An entry's score is the
