@@ -432,13 +432,13 @@ def _lend_fact_ranks(cache, heads: FactHeads, weight: float):
     agreed = consensus([layer.scores for layer in cache.layers if layer.is_initialized], heads, cfg.sink_tokens, cfg.window)
 
     def rerank(layers):
-        regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in layers]
-        if len({r.shape for r in regions}) == 1:  # one sort for all layers
+        alike: dict[torch.Size, list[torch.Tensor]] = {}  # one sort for all layers of a shape
+        for layer in layers:
+            region = layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window]
+            alike.setdefault(region.shape, []).append(region)
+        for regions in alike.values():
             for region, ranked in zip(regions, lend_ranks(torch.stack(regions), agreed, weight)):
                 region.copy_(ranked)
-            return
-        for region in regions:
-            region.copy_(lend_ranks(region, agreed, weight))
     return rerank
 
 
