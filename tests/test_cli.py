@@ -112,6 +112,9 @@ def test_bench_writes_records(tiny_model_dir, tmp_path):
                     "peak_mem_bytes", "kv_bytes", "speedup_vs_full", "bandwidth_limit_speedup"):
             assert key in r
         assert r["cuda_graph"] is False  # CPU: eager steps
+        # chelsea scores as generate does: by context reconstruction, the model folder has a tokenizer
+        assert r["scoring"] == ("reconstruction" if r["method"] == "chelsea" else None)
+        assert r["prefill_vs_full"] == (round(r["prefill_s"] / records[0 if r["batch"] == 1 else 4]["prefill_s"], 3))
         if r["method"] in ("chelsea", "knorm"):
             assert r["kv_bytes"] < 0.6 * r["kv_bytes_full"] and r["bandwidth_limit_speedup"] > 1.0
     assert "speed-up" in out.stdout

@@ -143,26 +143,49 @@ def test_decode_span_reclusters_only_the_recent_entries(span):
         assert prefix_changed  # the whole-cache clustering does reach back
 
 
-def test_layers_clustered_together_equal_layers_clustered_alone():
-    """compress_together batches the layers' decoding-time clusterings; the result is the same."""
-    from chelsea.cache import compress_together
+@pytest.mark.parametrize("method,shares", [("chelsea-paper", None), ("chelsea", None), ("chelsea", (0.6, 1.4))])
+def test_layers_clustered_together_equal_layers_clustered_alone(method, shares, monkeypatch):
+    """compress_together batches the layers' decoding-time clusterings into one compressor call,
+    uneven layer budgets (chelsea's, which remove a different number per layer) included; the
+    result is the same as clustering each layer alone."""
+    from chelsea.cache import ClusteredLayer, compress_together
+    from chelsea.config import CompressionConfig
 
     model = chelsea.prepare_model(tiny("llama"))
-    caches = [ClusteredCache(ratio=0.6, chunk_size=8, window=8, sink_tokens=2, compress_every=8, decode_span=24) for _ in range(2)]
+    config = CompressionConfig(ratio=0.6, chunk_size=8, window=8, sink_tokens=2, compress_every=8, decode_span=24)
+    caches = [ClusteredCache(config, compressor=COMPRESSORS[method]) for _ in range(2)]
     torch.manual_seed(5)
     ids = torch.randint(0, 256, (2, 120))
     with torch.no_grad():
+        for n, cache in enumerate(caches):
+            with cache.held():
+                model(ids, past_key_values=cache)
+            for i, layer in enumerate(cache.layers):
+                if shares:
+                    layer.share = shares[i % len(shares)]
+                if n == 0:
+                    layer.compress()
+            if n == 1:  # after a prefill too
+                compress_together(list(cache.layers))
+        for alone, together in zip(*(cache.layers for cache in caches)):
+            assert together.length == alone.length and all(torch.equal(a, b) for a, b in zip(alone._entries(), together._entries()))
         for cache in caches:
-            model(ids, past_key_values=cache)
-            for layer in cache.layers:  # as if 8 tokens had been decoded without clustering
-                layer.since_compression, layer.new_tokens = 8, 1
+            for layer in cache.layers:
+                layer.since_compression, layer.new_tokens = 8, 1  # as if 8 tokens had been decoded without clustering
                 layer._store(*(torch.cat([t, t[:, :, -8:]], dim=2) for t in layer._entries()))
                 layer.seen += 8
+    if shares:
+        assert len({layer.length - layer.budget(layer.seen) for layer in caches[0].layers}) > 1
     for layer in caches[0].layers:
         layer.compress()
+    calls = []
+    real = ClusteredLayer._run
+    monkeypatch.setattr(ClusteredLayer, "_run", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     compress_together(list(caches[1].layers))
+    assert len(calls) == 1
     for alone, together in zip(caches[0].layers, caches[1].layers):
         assert together.compressions == alone.compressions >= 2
+        assert together.length == alone.length
         for a, b in zip(alone._entries(), together._entries()):
             assert torch.equal(a, b)
 

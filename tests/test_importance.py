@@ -65,6 +65,22 @@ def test_guided_never_merges_an_exact_entry(exact_share, merge):
     assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(v[:, :, -10:], values[:, :, -10:])
 
 
+def test_guided_with_a_number_to_remove_per_row_equals_each_row_alone():
+    keys, values, lc, scores = _data(batch=3, seed=7)
+    lc[..., ::4] = 0.7
+    together = guided_merge(keys, values, lc, [10, 60, 500], scores=scores, sink_tokens=4, window=10, neighbourhood=16)
+    assert together[0].shape[2] == 110  # the row that removes fewest sets the length
+    for b, n in enumerate([10, 60, 106]):  # 500 is more than the region holds
+        alone = guided_merge(*(t[b : b + 1] for t in (keys, values, lc)), n, scores=scores[b : b + 1], sink_tokens=4,
+                             window=10, neighbourhood=16)
+        assert alone[0].shape[2] == 120 - n
+        for x, y in zip(alone, together):
+            assert torch.equal(x, y[b : b + 1, :, : 120 - n])
+        assert torch.all(together[2][b, :, 120 - n :] == float("-inf"))  # what follows the row's entries is padding
+    with pytest.raises(ValueError, match="rows"):
+        guided_merge(keys, values, lc, [1, 2], scores=scores)
+
+
 def test_guided_counts_sum_to_tokens_when_everything_merges():
     keys, values, lc, scores = _data(seed=1)
     k, v, out_lc, _ = guided_merge(keys, values, lc, 80, scores=scores, sink_tokens=4, window=10,
@@ -462,6 +478,50 @@ def test_a_shallow_repeat_scores_only_its_layers_and_stops_the_forward_there():
     budget = config.budget(300)
     assert shallow.layers[2].length == budget  # the unscored layer keeps an even share
     assert sum(layer.length for layer in shallow.layers) == 3 * budget  # the scored ones split the rest
+
+
+@pytest.mark.parametrize("view", ["local", "full"])
+def test_the_repeat_scores_only_the_layers_it_is_told_and_the_others_keep_theirs(view):
+    from chelsea.compat import cache_arg
+
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for scored in (None, frozenset({0, 2})):
+        cache = ClusteredCache(CompressionConfig(ratio=0.8, window=16), compressor=guided_merge)
+        with cache.held(), torch.no_grad():
+            model(ids, **cache_arg(model, cache), use_cache=True)
+            before = [layer.scores.clone() for layer in cache.layers]
+            score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=128, view=view, scored=scored)
+        runs[scored] = (cache, before)
+    (every, _), (some, before) = runs[None], runs[frozenset({0, 2})]
+    for i in (0, 2):  # an unscored layer still attends: the deeper layer's scores are the same
+        assert torch.allclose(some.layers[i].scores, every.layers[i].scores)
+    assert torch.equal(some.layers[1].scores, before[1]) and not torch.equal(every.layers[1].scores, before[1])
+    assert all(layer.length == 300 and layer.seen == 300 for layer in some.layers)
+
+
+def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an_even_budget(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", score_layers="facts")
+    (fact_layer, _), = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge)).heads
+    seen = {}
+    real = importance.score_by_reconstruction
+    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    cache = ClusteredCache(config, compressor=guided_merge)
+    compress_context(model, cache, ids, tokenizer, chunk_size=128)
+    assert seen["scored"] == {fact_layer} and seen["depth"] is None
+    budget = config.budget(300)
+    assert all(layer.length == budget for i, layer in enumerate(cache.layers) if i != fact_layer)
+    assert sum(layer.length for layer in cache.layers) == 3 * budget
+    with pytest.raises(ChelseaError, match="score_layers"):
+        CompressionConfig(score_layers="some")
 
 
 def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypatch):

@@ -4,10 +4,15 @@ Models are either built-in/real (``smollm2-135m``, any id or path) or architectu
 random weights (``llama3-8b``, ``mistral-7b``, ``qwen2.5-7b``): right for speed and memory, never
 for accuracy. Prompts are random token ids. For each configuration:
 
-- ``prefill_s``: the prompts' forward pass (``logits_to_keep=1``), clustering included, eager even
-  when the layers are fused (``chelsea`` and ``kvzip`` rank by the prompt's last queries here, not
-  by context reconstruction: ``benchmarks/prefill_cost.py`` times that); with ``prefill_batch`` (in each record) the prompts go through that
-  many at a time and their entries are copied into one cache (:func:`chelsea.generation.prefill`);
+- ``prefill_s``: the prompts' forward pass (``logits_to_keep=1``), scoring and clustering
+  included, eager even when the layers are fused. ``chelsea`` and ``kvzip`` score as ``chelsea
+  generate`` does, by context reconstruction (:func:`chelsea.importance.compress_context`), when
+  a tokenizer is at hand (a real model's own; a preset's from ``tokenizer``) and the prompts are
+  prefilled at once; otherwise by the prompt's last queries. ``scoring`` in each record says
+  which (``null`` for methods that do not score); ``prefill_vs_full`` is ``prefill_s`` over the
+  full cache's, same context and batch; with ``prefill_batch`` (in each record) the prompts go
+  through that many at a time and their entries are copied into one cache
+  (:func:`chelsea.generation.prefill`);
 - ``decode_ms_per_token``: wall time of ``decode_tokens`` greedy steps (the whole batch each),
   divided by their number, after 5 untimed steps; periodic re-clustering is included. Before the
   first configuration, every method runs once untimed on a short prompt (compilation, allocator);
@@ -119,10 +124,13 @@ WARMUP_STEPS = 5
 
 
 def run_one(model, method: str, ratio: float, context: int, batch: int, decode_tokens: int = 32, seed: int = 0,
-            cuda_graph: bool = False, prefill_batch: int | None = None, fused: bool = False) -> dict:
+            cuda_graph: bool = False, prefill_batch: int | None = None, fused: bool = False, tokenizer=None) -> dict:
     """Prefill ``batch`` random prompts of ``context`` tokens (``prefill_batch`` rows at a time),
     then decode; returns one record. ``fused`` only labels the record: whether the caller compiled
-    the decoder layers (:func:`chelsea.decoding.fuse_layers`); the prefill runs eagerly anyway."""
+    the decoder layers (:func:`chelsea.decoding.fuse_layers`); the prefill runs eagerly anyway.
+    ``tokenizer``: the importance-ranked methods score by context reconstruction (it writes the
+    repeat prompt) instead of the last queries, when the prompts are prefilled at once."""
+    from .importance import compress_context
     from .attention import ATTN_IMPLEMENTATION, register
     from .decoding import GraphDecoder
 
@@ -152,8 +160,15 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
+        scoring = None
+        if getattr(cache, "scores_importance", False):
+            whole = prefill_batch is None or prefill_batch >= batch
+            scoring = "reconstruction" if tokenizer is not None and whole else "last queries"
         with torch.compiler.set_stance("force_eager"):
-            logits = prefill_cache(model, ids, cache, micro_batch=prefill_batch)
+            if scoring == "reconstruction":
+                logits = compress_context(model, cache, ids, tokenizer)
+            else:
+                logits = prefill_cache(model, ids, cache, micro_batch=prefill_batch)
         _sync(device)
         prefill = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)
@@ -187,6 +202,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         "fused": fused,
         "prefill_batch": min(prefill_batch or batch, batch),
         "prefill_s": round(prefill, 4),
+        "scoring": scoring,
         "decode_ms_per_token": round(decode * 1e3, 3),
         "tokens_per_s": round(batch / decode, 1),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
@@ -225,7 +241,7 @@ def largest_batch(try_batch: Callable[[int], dict | None], limit: int = 1024) ->
 def run(model_name: str, methods: list[str], ratios: list[float], contexts: list[int], batches: list[int],
         decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
         device_map: str | None = None, max_batch: int | None = None, cuda_graph: bool | None = None,
-        fuse: bool | None = None, prefill_batch: int | None = None) -> list[dict]:
+        fuse: bool | None = None, prefill_batch: int | None = None, tokenizer: str | None = None) -> list[dict]:
     """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such.
 
     With ``max_batch`` (the search's upper limit) ``batches`` is ignored and the largest batch that
@@ -233,11 +249,21 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
     single CUDA device) replays decoding steps from CUDA graphs; ``fuse`` (default: with CUDA
     graphs) compiles the decoder layers for them (:func:`chelsea.decoding.fuse_layers`);
     ``prefill_batch`` prefills that many rows at a time (default: the whole batch).
+    ``tokenizer``: a tokenizer folder for a preset (which has none), so ``chelsea`` and ``kvzip``
+    score by context reconstruction as they do outside the benchmark; a real model uses its own.
     """
     if "full" not in methods:
         methods = ["full", *methods]
-    model = load_bench_model(model_name, device, dtype, device_map)
-    from .models import world_size
+    from transformers import AutoTokenizer
+
+    from .models import load_model, world_size
+
+    if model_name in PRESETS:
+        model = load_bench_model(model_name, device, dtype, device_map)
+        words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
+    else:
+        model, words = load_model(model_name, device=device, dtype=dtype, device_map=device_map)
+        words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else words
 
     single = model.device.type == "cuda" and world_size() == 1 and device_map is None
     if cuda_graph is None:
@@ -256,7 +282,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         fuse_layers(model)
 
     def one(method, ratio, context, batch, tokens=decode_tokens):
-        return run_one(model, method, ratio, context, batch, tokens, cuda_graph=cuda_graph, prefill_batch=prefill_batch, fused=fuse)
+        return run_one(model, method, ratio, context, batch, tokens, cuda_graph=cuda_graph, prefill_batch=prefill_batch, fused=fuse,
+                       tokenizer=words)
     limit = getattr(model.config, "max_position_embeddings", None)
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
@@ -277,7 +304,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
             records += _search(one, methods, ratios, context, max_batch, base(), progress)
             continue
         for batch in batches:
-            full_ms = None
+            full_ms = full_prefill = None
             for method in methods:
                 for ratio in _settings(method, ratios):
                     try:
@@ -286,9 +313,10 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
                         record = {**base(), "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
                         torch.cuda.empty_cache()
                     if method == "full":
-                        full_ms = record.get("decode_ms_per_token")
+                        full_ms, full_prefill = record.get("decode_ms_per_token"), record.get("prefill_s")
                     if "decode_ms_per_token" in record:
                         record["speedup_vs_full"] = round(full_ms / record["decode_ms_per_token"], 3) if full_ms else None
+                        record["prefill_vs_full"] = round(record["prefill_s"] / full_prefill, 3) if full_prefill else None
                     records.append(record)
                     progress(record)
     return records

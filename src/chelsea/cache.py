@@ -37,6 +37,7 @@ from .importance import OBSERVATION_WINDOW, Reconstruction
 from .kernels import write_slot
 from .methods._attention_scores import attention_mass, largest_attention_received
 from .methods._budgets import layer_shares
+from .methods._eviction import region_bounds
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
 
@@ -677,15 +678,22 @@ class ClusteredLayer(_CompressedLayer):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._buffers)
 
 
+GROUP_ENTRIES = 1 << 21  # (row, head, entry) triples clustered in one batch: bounds the similarity blocks' memory
+
+
 def compress_together(layers: list[ClusteredLayer]) -> None:
     """Cluster each layer down to its budget (:meth:`ClusteredLayer.compress` is this on one layer).
 
-    Decoding-time clusterings of the same shape (same entries, span and entries to remove: the
-    layers of one model usually agree) run as one batch through Chelsea's compressor, one set of
-    kernel launches instead of one per layer; whole-cache clusterings run one layer at a time.
-    Every (row, head) is clustered on its own, so the results equal clustering layer by layer.
+    Decoding-time clusterings of the same shape (same span of recent entries and, unless the
+    compressor takes a number per row, entries to remove: the layers of one model usually agree)
+    run as one batch through the compressor, one set of kernel launches instead of one per layer;
+    ``chelsea``'s layers, whose uneven budgets remove different numbers, batch too
+    (``rowwise_remove``), after a prefill as well (all layers then hold the same entries), up to
+    :data:`GROUP_ENTRIES` entries per batch; other whole-cache clusterings run one layer at a
+    time. Every (row, head) is clustered on its own, so the results equal clustering layer by
+    layer.
     """
-    groups: dict[tuple, list[ClusteredLayer]] = {}
+    groups: dict[tuple, list[tuple[ClusteredLayer, int, int]]] = {}
     row_groups: dict[tuple, list[tuple]] = {}
     removed: dict[ClusteredLayer, int] = {}
     for layer in layers:
@@ -705,15 +713,32 @@ def compress_together(layers: list[ClusteredLayer]) -> None:
             layer.skipped_compressions += 1
             continue
         start = layer._local_start()
-        key = (start, n_remove, tuple(layer.keys.shape), layer.config) if start else (0, n_remove, id(layer))
-        groups.setdefault(key, []).append(layer)
-    for (start, n_remove, *_), group in groups.items():
-        parts = [[getattr(layer, name)[:, :, start : layer.length] for layer in group] for name in group[0]._buffers]
-        out = group[0]._run(tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts), n_remove, sinks=0 if start else None)
-        rows = group[0].keys.shape[0]
-        for i, layer in enumerate(group):
+        rowwise = getattr(layer.compressor, "rowwise_remove", False)
+        if start or rowwise:
+            shape = (*layer.keys.shape[:2], *layer.keys.shape[3:], layer.keys.dtype)
+            key = (layer.length - start, start > 0, None if rowwise else n_remove, shape, layer.config, layer.compressor)
+        else:
+            key = (id(layer),)
+        groups.setdefault(key, []).append((layer, start, n_remove))
+    batches = []
+    for group in groups.values():
+        (layer, start, _), keys = group[0], group[0][0].keys
+        per = max(1, GROUP_ENTRIES // (keys.shape[0] * keys.shape[1] * (layer.length - start)))
+        batches += [group[i : i + per] for i in range(0, len(group), per)]
+    for group in batches:
+        first, local = group[0][0], group[0][1] > 0
+        rows = first.keys.shape[0]
+        parts = [[getattr(layer, name)[:, :, start : layer.length] for layer, start, _ in group] for name in first._buffers]
+        removes = [n for _, _, n in group]
+        amount = removes[0] if len(set(removes)) == 1 else [n for n in removes for _ in range(rows)]
+        out = first._run(tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts), amount, sinks=0 if local else None)
+        for i, (layer, start, n_remove) in enumerate(group):
             before = layer.length
             mine = tuple(t[i * rows : (i + 1) * rows] for t in out)
+            if not isinstance(amount, int):  # a row that removed more than the group's fewest holds padding after its entries
+                span = layer.length - start
+                lo, hi = region_bounds(span, 0 if local else layer.config.sink_tokens, layer.config.window)
+                mine = tuple(t[:, :, : span - min(n_remove, hi - lo)] for t in mine)
             if start:
                 layer._store_from(start, mine)
             else:

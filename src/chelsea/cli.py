@@ -54,6 +54,7 @@ FactHeadsOpt = Annotated[int, typer.Option("--fact-heads", help="chelsea: how ma
 RepeatDepthOpt = Annotated[str, typer.Option("--repeat-depth", help="chelsea with fact heads: the reconstruction repeat stops after the deepest fact head's layer ('facts'; the deeper layers keep the last queries' scores and an even budget) or runs through 'all' layers.")]
 FactLayersOpt = Annotated[int, typer.Option("--fact-layers", help="chelsea: choose the fact heads among the first N layers only, so the repeat (--repeat-depth facts) runs through at most N layers; 0: any layer.")]
 RepeatChunkOpt = Annotated[int, typer.Option("--repeat-chunk", help="kvzip, chelsea: context tokens repeated per chunk by the reconstruction (its attention work grows with the chunk).")]
+ScoreLayersOpt = Annotated[str, typer.Option("--score-layers", help="chelsea with fact heads: the layers that take scores from the reconstruction repeat: 'all' it runs through, or only those holding a fact head ('facts'; the others keep the last queries' scores and an even budget).")]
 FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, chelsea: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
@@ -151,6 +152,7 @@ def generate(
     repeat_depth: RepeatDepthOpt = "facts",
     fact_layers: FactLayersOpt = 0,
     repeat_chunk: RepeatChunkOpt = 2048,
+    score_layers: ScoreLayersOpt = "all",
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -185,7 +187,8 @@ def generate(
                                    exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                                    importance=importance, surprise_weight=surprise_weight, output_norm=output_norm,
                                    fact_weight=fact_weight, fact_heads=fact_heads, repeat_depth=repeat_depth,
-                                   fact_layers=fact_layers or None, repeat_chunk=repeat_chunk)
+                                   fact_layers=fact_layers or None, repeat_chunk=repeat_chunk,
+                                   score_layers=score_layers)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -326,6 +329,7 @@ def eval_(
     repeat_depth: RepeatDepthOpt = "facts",
     fact_layers: FactLayersOpt = 0,
     repeat_chunk: RepeatChunkOpt = 2048,
+    score_layers: ScoreLayersOpt = "all",
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -346,7 +350,8 @@ def eval_(
     knobs = dict(chunk_size=chunk_size, sink_tokens=sinks, window=window, step_fraction=step_fraction, importance=importance,
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                  surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads,
-                 repeat_depth=repeat_depth, fact_layers=fact_layers or None, repeat_chunk=repeat_chunk)
+                 repeat_depth=repeat_depth, fact_layers=fact_layers or None, repeat_chunk=repeat_chunk,
+                 score_layers=score_layers)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
@@ -431,12 +436,17 @@ def bench(
         int | None,
         typer.Option("--prefill-batch", help="Prefill this many prompts at a time (needs CUDA graphs): lower peak memory, larger batches. Default: all at once."),
     ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", help="A tokenizer folder for a preset (it has none), so chelsea and kvzip score by context reconstruction "
+                     "as in generate and eval; without it a preset's prefill ranks by the last queries (the 'scoring' column says which)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
 ) -> None:
-    """Prefill time, decode time per token, peak memory and KV bytes: full cache vs compressed.
+    """Prefill time (scoring and clustering included), decode time per token, peak memory and KV bytes: full cache vs compressed.
 
     Tensor parallel: torchrun --nproc-per-node N -m chelsea.cli bench ... (rank 0 writes; records carry world_size).
     """
@@ -460,9 +470,11 @@ def bench(
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, numbers(contexts, int, "--contexts"), numbers(batches, int, "--batches"),
                         decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
-                        device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs, fuse=fuse, prefill_batch=prefill_batch)
+                        device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs, fuse=fuse, prefill_batch=prefill_batch,
+                        tokenizer=tokenizer)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
+               ("prefill_vs_full", "prefill x full"), ("scoring", "scoring"),
                ("decode_ms_per_token", "decode ms/step"), ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),
                ("speedup_vs_full", "speed-up"), ("bandwidth_limit_speedup", "bytes limit")]
     if max_batch is not None:

@@ -81,6 +81,12 @@ class CompressionConfig:
         repeat_chunk: ``kvzip`` and ``chelsea``, reconstruction scores only. Tokens of context
             repeated per chunk: with the local view each repeating query attends to the sinks,
             its chunk and the repeat, so the attention work grows with the chunk.
+        score_layers: ``chelsea`` with fact heads, reconstruction scores only. ``"all"``
+            (default): every layer the repeat runs through takes its scores from it.
+            ``"facts"``: only the layers that hold a fact head do (the others still run, their
+            hidden states feed the deeper layers, but skip the scoring kernel); the rest keep the
+            prefill's last-query scores, take an even share of the budget and rank by the fact
+            heads like every layer.
     """
 
     ratio: float = 0.5
@@ -103,6 +109,7 @@ class CompressionConfig:
     repeat_depth: str = "facts"
     fact_layers: int | None = None
     repeat_chunk: int = 2048
+    score_layers: str = "all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -139,6 +146,8 @@ class CompressionConfig:
             raise ChelseaError(f"fact_heads must be an integer >= 1; got {self.fact_heads!r}")
         if self.repeat_depth not in ("all", "facts"):
             raise ChelseaError(f"repeat_depth must be 'all' or 'facts' (stop after the deepest fact head); got {self.repeat_depth!r}")
+        if self.score_layers not in ("all", "facts"):
+            raise ChelseaError(f"score_layers must be 'all' or 'facts' (only the fact heads' layers score the repeat); got {self.score_layers!r}")
         if self.fact_layers is not None and (not isinstance(self.fact_layers, int) or self.fact_layers < 1):
             raise ChelseaError(f"fact_layers must be an integer >= 1 (the first layers fact heads are chosen from) or None; got {self.fact_layers!r}")
         if not isinstance(self.repeat_chunk, int) or self.repeat_chunk < 16:

@@ -41,7 +41,8 @@ each layer then ranks by what the model's fact heads agree on (:mod:`chelsea.fac
 calibrated on first use by :func:`find_fact_heads`), and with ``CompressionConfig.repeat_depth``
 ``"facts"`` (the default) the repeat stops after the deepest fact head's layer: the first layer
 past it ends the forward (its attention raises :class:`_RepeatDone`), so the deeper layers cost
-nothing and keep their prefill scores.
+nothing and keep their prefill scores. With ``CompressionConfig.score_layers`` ``"facts"`` only
+the layers that hold a fact head run the scoring kernel in the repeat; the others only attend.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ class Reconstruction:
     view: str = "local"
     max_block_bytes: int = 1 << 30
     output_gram: torch.Tensor | None = None  # [kv_heads, groups, d, d]: W_o's block of each query head, W^T W
+    score: bool = True  # False: the layer only attends (its hidden states feed the deeper layers)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts, scale, scores: torch.Tensor):
         """The repeat tokens' attention output; raises ``scores`` ``[batch, kv_heads, context]`` to
-        the largest attention each chunk entry (and sink) receives."""
+        the largest attention each chunk entry (and sink) receives (unless ``score`` is off)."""
         sinks = min(self.sinks, self.lo)
         if sinks == self.lo and self.hi == self.context:  # every stored entry is visible (a batched local repeat)
             old, visible, k, bias = slice(0, self.context), None, key, log_counts
@@ -96,6 +98,10 @@ class Reconstruction:
             visible = torch.cat([old, torch.arange(self.context, key.shape[2], device=key.device)])
             bias = None if log_counts is None else log_counts.index_select(-1, visible)
             k = key.index_select(2, visible)
+        if not self.score:
+            if self.view == "full":
+                return weighted_attention(query, key, value, log_counts, scale=scale)
+            return weighted_attention(query, k, value if visible is None else value.index_select(2, visible), bias, scale=scale)
         scored = sinks + self.hi - self.lo
         weight = None
         if self.output_gram is not None:
@@ -212,7 +218,7 @@ def repeat_prompts(tokenizer, context_ids: torch.Tensor, chunk_size: int, overla
 
 def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, *, chunk_size: int = 2048,
                             view: str = "local", keep_scores: bool = False, batch_tokens: int = 16384,
-                            depth: int | None = None) -> None:
+                            depth: int | None = None, scored: frozenset[int] | None = None) -> None:
     """Fill the importance scores of ``cache`` (prefilled with exactly ``context_ids`` and not yet
     compressed) by asking the model to repeat the context, chunk by chunk; see the module doc.
     ``keep_scores``: raise the scores the prefill left (the question's attention) instead of
@@ -224,7 +230,8 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     forward of a small model over one 2K chunk waits on the host). The full view repeats one
     chunk at a time over the whole cache. ``depth``: the repeat runs through the first ``depth``
     layers of ``cache`` only (its forwards stop there); the deeper layers keep the scores they
-    had.
+    had. ``scored``: the indices of the layers whose scores the repeat writes (by default all of
+    the first ``depth``); the others only attend and keep their scores.
 
     Afterwards the cache holds the context's entries again, nothing of the repeats."""
     if view not in VIEWS:
@@ -242,22 +249,25 @@ def score_by_reconstruction(model, cache, context_ids: torch.Tensor, tokenizer, 
     depth = len(cache.layers) if depth is None else depth
     if not isinstance(depth, int) or not 1 <= depth <= len(cache.layers):
         raise ChelseaError(f"the repeat's depth must be between 1 and the cache's {len(cache.layers)} layers; got {depth!r}")
+    scored = frozenset(range(depth)) if scored is None else frozenset(i for i in scored if i < depth)
     if not keep_scores:
-        for layer in cache.layers[:depth]:
-            if layer.is_initialized:
-                layer.scores.zero_()
+        for i in scored:
+            if cache.layers[i].is_initialized:
+                cache.layers[i].scores.zero_()
     sinks = cache.config.sink_tokens
     prompts = repeat_prompts(tokenizer, context_ids, chunk_size)
     grams = output_grams(model, cache, depth) if cache.config.output_norm else [None] * len(cache.layers)
+    grams = [gram if i in scored else None for i, gram in enumerate(grams)]
     with torch.no_grad():  # not inference_mode: buffers grown here must stay writable afterwards
         if view == "local":
             for part in _side_by_side(prompts, context_ids.shape[0], sinks, batch_tokens):
-                _repeat_side_by_side(model, cache, part, n, sinks, grams, depth)
+                _repeat_side_by_side(model, cache, part, n, sinks, grams, depth, scored)
             return
         for lo, hi, ids in prompts:
             for i, (layer, gram) in enumerate(zip(cache.layers, grams)):
                 if layer.is_initialized:
-                    layer.reconstruction = Reconstruction(n, lo, hi, sinks, view, output_gram=gram) if i < depth else _StopRepeat()
+                    layer.reconstruction = (Reconstruction(n, lo, hi, sinks, view, output_gram=gram, score=i in scored)
+                                            if i < depth else _StopRepeat())
             try:
                 model(input_ids=ids, **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
             except _RepeatDone:
@@ -281,11 +291,11 @@ def _side_by_side(prompts, rows: int, sinks: int, batch_tokens: int):
             yield members[start : start + per]
 
 
-def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, depth: int) -> None:
+def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, depth: int, scored: frozenset[int]) -> None:
     """One forward repeating the chunks of ``part`` (``(lo, hi, ids)`` of equal shapes), each row
     over the sinks and its own chunk at the positions the repeat has after the context, through
-    the first ``depth`` layers; the scores go back to ``cache``'s entries (a sink keeps its
-    largest score over the chunks)."""
+    the first ``depth`` layers; the scores of the ``scored`` layers go back to ``cache``'s entries
+    (a sink keeps its largest score over the chunks)."""
     sinks = min(sinks, part[0][0])
     width, rows = part[0][1] - part[0][0], part[0][2].shape[0]
 
@@ -296,7 +306,7 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, de
                for i, layer in enumerate(cache.layers)]
     side = cache.holding(entries)
     for i, (layer, gram) in enumerate(zip(side.layers, grams)):
-        layer.reconstruction = (Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram)
+        layer.reconstruction = (Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram, score=i in scored)
                                 if i < depth else _StopRepeat())
     ids = torch.cat([ids for _, _, ids in part])
     positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
@@ -305,8 +315,8 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, de
             model(input_ids=ids, position_ids=positions, **cache_arg(model, side), use_cache=True, logits_to_keep=1)
         except _RepeatDone:
             pass
-    for layer, mine in list(zip(cache.layers, side.layers))[:depth]:
-        if not layer.is_initialized:
+    for i, (layer, mine) in enumerate(zip(cache.layers, side.layers)):
+        if i not in scored or not layer.is_initialized:
             continue
         got = mine.scores[:, :, : sinks + width].view(len(part), rows, layer.scores.shape[1], sinks + width)
         if sinks:
@@ -324,7 +334,9 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     prompt's own last-query attention; by default the cache's ``config.importance``) and the
     layers get uneven budgets; every other method
     compresses as in any prefill; with fact heads and ``repeat_depth="facts"`` the repeat runs
-    only down to the deepest fact head, and the deeper layers take an even share of the budget.
+    only down to the deepest fact head, and the deeper layers take an even share of the budget
+    (with ``score_layers="facts"`` so do the layers without a fact head, which the repeat does
+    not score).
     ``question``: ``input_ids`` end with the question (a prompt
     compressed whole): each entry's score is also at least the largest attention the prompt's
     last :data:`OBSERVATION_WINDOW` queries give it, so what the question reads is kept too.
@@ -341,18 +353,21 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
     fact = cache.config.fact_weight if getattr(cache.compressor, "uses_fact_heads", False) and reconstruct is not None else 0.0
     heads = find_fact_heads(model, tokenizer, cache) if fact > 0 else None
-    rerank, depth = None, None
+    rerank, depth, scored = None, None, None
     with cache.held(question=question), torch.no_grad():
         if weight > 0 or cache.config.importance == "surprise":
             logits, surprise = _prefill_with_surprisal(model, cache, input_ids, attention_mask)
         else:
             logits = model(input_ids, attention_mask=attention_mask, **cache_arg(model, cache), use_cache=True, logits_to_keep=1).logits
         if reconstruct is not None:
-            if heads is not None and cache.config.repeat_depth == "facts":
+            if heads is not None:
                 held = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
-                depth = held[max(layer for layer, _ in heads.heads)] + 1
+                if cache.config.repeat_depth == "facts":
+                    depth = held[max(layer for layer, _ in heads.heads)] + 1
+                if cache.config.score_layers == "facts":
+                    scored = frozenset(held[layer] for layer, _ in heads.heads)
             score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size or cache.config.repeat_chunk, view=reconstruct,
-                                    keep_scores=question, depth=depth)
+                                    keep_scores=question, depth=depth, scored=scored)
             if heads is not None:
                 rerank = _lend_fact_ranks(cache, heads, fact)
         elif cache.config.importance == "surprise":
@@ -365,7 +380,9 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
                 layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
     for layer in cache.layers:  # these scores read the whole context: later forwards only add theirs
         layer.rescore = False
-    cache.compress_all(rerank=rerank, even=frozenset(range(depth or len(cache.layers), len(cache.layers))))
+    every = range(len(cache.layers))
+    even = frozenset(i for i in every if i not in scored) if scored is not None else frozenset(every[depth or len(every):])
+    cache.compress_all(rerank=rerank, even=even)
     return logits
 
 

@@ -37,7 +37,8 @@ def layer_shares(region_scores: list[torch.Tensor], keep: int, floor: float = 0.
     flat = torch.cat(flats, dim=1)
     slots = sum(keep * h for h in heads)
     threshold = flat.topk(min(slots, flat.shape[1]), dim=1).values[:, -1:]  # [batch, 1]
-    wanted = [((f >= threshold).sum(1).float().mean() / h).item() for f, h in zip(flats, heads)]
+    counts = torch.stack([(f >= threshold).sum(1).float().mean() for f in flats]).tolist()  # one read from the device
+    wanted = [c / h for c, h in zip(counts, heads)]
     least = math.ceil(floor * keep)
     spare = total - least * layers
     weight = [max(0.0, w - least) for w in wanted]

@@ -31,21 +31,27 @@ from __future__ import annotations
 
 import torch
 
-from ._eviction import evict_lowest, region_bounds
+from ._eviction import region_bounds
 from .chelsea import _compute_dtype
 
 MERGE_MODES = ("centroid", "values")
 
 
-def _exact_mask(scores: torch.Tensor, kept: torch.Tensor, share: float) -> torch.Tensor:
-    """The best ``share`` of the kept entries of each row, ranked over all heads together."""
-    batch, heads, _ = scores.shape
-    count = int(round(share * int(kept[0].sum())))
-    if count <= 0:
-        return torch.zeros_like(kept)
-    ranked = scores.masked_fill(~kept, float("-inf")).flatten(1)
-    top = ranked.topk(min(count, ranked.shape[1]), dim=1).indices
-    return torch.zeros_like(ranked, dtype=torch.bool).scatter_(1, top, True).view(batch, heads, -1) & kept
+def _best(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[b]`` highest ``scores`` along the last dimension of each row ``b``
+    (``scores`` ``[B, ..., n]``, ``counts`` ``[B]`` on the same device); ties go to the earlier entry."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < counts.view(-1, *([1] * (scores.dim() - 1)))
+
+
+def _on(device: torch.device, numbers: list[int]) -> torch.Tensor:
+    """``numbers`` as a long tensor on ``device``, copied without waiting for the device's queue."""
+    host = torch.tensor(numbers, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _nearest_representative(keys: torch.Tensor, reps: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +91,10 @@ def guided_merge(
     """Remove ``n_remove`` entries per (row, head) between sinks and window, merging them into
     similar representatives. Returns ``(keys, values, log_counts, scores)`` of what is kept.
 
+    ``n_remove`` may be a list, one number per batch row: row ``b`` then holds its entries in the
+    first ``length - n_remove[b]`` slots (removals beyond the region are not made), and the slots
+    after them, up to the longest row, are padding with log-count ``-inf``.
+
     ``exact_share`` 1.0 is pure eviction by the scores (no representatives); 0.0 merges into every
     kept entry.
     """
@@ -92,17 +102,20 @@ def guided_merge(
         raise ValueError(f"merge must be one of {MERGE_MODES}; got {merge!r}")
     if not 0.0 <= exact_share <= 1.0:
         raise ValueError(f"exact_share must be in [0, 1]; got {exact_share}")
-    length = keys.shape[2]
+    batch, heads, length = keys.shape[:3]
     start, end = region_bounds(length, sink_tokens, window)
-    n_remove = min(max(0, int(n_remove)), end - start)
-    if n_remove == 0:
+    size = end - start
+    removed = [min(max(0, int(n)), size) for n in (n_remove if isinstance(n_remove, (list, tuple)) else [n_remove] * batch)]
+    if len(removed) != batch:
+        raise ValueError(f"n_remove has {len(removed)} entries for {batch} rows")
+    if max(removed) == 0:
         return keys, values, log_counts, scores
     region = scores[:, :, start:end]
-    keep_n = region.shape[-1] - n_remove
-    kept = torch.zeros_like(region, dtype=torch.bool)
-    if keep_n > 0:
-        kept.scatter_(-1, region.topk(keep_n, dim=-1).indices, True)
-    exact = _exact_mask(region, kept, exact_share)
+    keep_n = [size - n for n in removed]
+    kept = _best(region, _on(keys.device, keep_n))
+    # The best exact_share of each row's kept entries, ranked over all heads together (uneven per head, as in AdaKV).
+    exact_n = _on(keys.device, [int(round(exact_share * k * heads)) for k in keep_n])
+    exact = _best(region.masked_fill(~kept, float("-inf")).flatten(1), exact_n).view_as(kept) & kept
     reps = kept & ~exact
 
     work = _compute_dtype(keys.dtype)
@@ -123,12 +136,31 @@ def guided_merge(
     new_values = torch.where(merged[..., None], pooled(r_values).to(values.dtype), r_values)
     new_keys = torch.where(merged[..., None], pooled(r_keys).to(keys.dtype), r_keys) if merge == "centroid" else r_keys
     new_counts = torch.where(merged, total.log().to(log_counts.dtype), r_counts)
-    drop_score = torch.where(kept, region, torch.full_like(region, float("-inf")))
-    out = evict_lowest(new_keys, new_values, new_counts, drop_score, n_remove, 0, 0, region)
-    return tuple(torch.cat([t[:, :, :start], r, t[:, :, end:]], dim=2) for t, r in zip((keys, values, log_counts, scores), out))
+    whole = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
+    whole[:, :, start:end] = kept
+
+    def inside(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:  # the region's new entries between sinks and window
+        return torch.cat([full[:, :, :start], part, full[:, :, end:]], dim=2)
+
+    return _compact((inside(keys, new_keys), inside(values, new_values), inside(log_counts, new_counts), scores), whole,
+                    length - min(removed))
+
+
+def _compact(tensors: tuple[torch.Tensor, ...], keep: torch.Tensor, out_len: int) -> tuple[torch.Tensor, ...]:
+    """The entries of each tensor ``[B, H, n, ...]`` where ``keep`` ``[B, H, n]``, moved to the
+    front in sequence order, ``out_len`` slots; a (row, head) that keeps fewer is padded at the end
+    (log-count ``-inf``, the third tensor; zeros elsewhere)."""
+    slot = torch.where(keep, keep.long().cumsum(-1) - 1, out_len)
+
+    def move(i: int, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_full((*x.shape[:2], out_len + 1, *x.shape[3:]), float("-inf") if i == 2 else 0)
+        return out.scatter_(2, slot if x.dim() == 3 else slot[..., None].expand_as(x), x)[:, :, :out_len]
+
+    return tuple(move(i, x) for i, x in enumerate(tensors))
 
 
 guided_merge.uses_importance = True
 guided_merge.uses_surprise = True
 guided_merge.uses_fact_heads = True  # CompressionConfig.fact_weight: chelsea.fact_heads
 guided_merge.local_decode = True  # decoding re-clusters only the recent span (CompressionConfig.decode_span)
+guided_merge.rowwise_remove = True  # n_remove may differ per row: the layers of a decoding step cluster as one batch
