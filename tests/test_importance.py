@@ -12,7 +12,7 @@ from chelsea.errors import ChelseaError
 from chelsea.attention import weighted_attention
 from chelsea.generation import use_method
 from chelsea.importance import (Reconstruction, compress_context, output_gram, output_grams, repeat_prompts,
-                               score_by_reconstruction)
+                               score_by_reconstruction, token_surprisal)
 from chelsea.methods import COMPRESSORS, guided_merge, kvzip_evict
 from chelsea.methods._budgets import layer_shares
 
@@ -600,3 +600,31 @@ def test_in_forward_scores_rank_every_entry_by_the_newest_block_until_a_context_
         model(ids[:, 100:], past_key_values=scored, use_cache=True)
     kept = scored.layers[0].scores
     assert bool((kept == 1.0).any()) and bool((kept == 1.0 / 3).any())  # the context's scores stay beside the new ones
+
+
+def test_token_surprisal_is_minus_the_log_probability_of_each_next_token():
+    model, _ = _tiny(layers=2)
+    ids = torch.randint(0, 1000, (2, 70), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        got = token_surprisal(model, hidden, ids, block=16)  # blocks that do not divide the length
+        logits = model(ids).logits
+    want = -logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert got.shape == ids.shape and got.dtype == torch.float32 and bool((got[:, 0] == 0).all())
+    torch.testing.assert_close(got[:, 1:], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_holding_cache_keeps_the_entries_and_appends_its_room_in_place():
+    """The repeats' caches: each layer holds exactly the entries given, as one prefill would, and
+    a forward of ``room`` tokens writes into the same buffers (no second copy of the chunks)."""
+    keys, values, _, _ = _data(batch=3, heads=2, length=40)
+    cache = ClusteredCache(CompressionConfig(ratio=0.5), compressor=kvzip_evict)
+    side = cache.holding([(keys, values), None], room=12)
+    layer = side.layers[0]
+    assert not side.layers[1].is_initialized
+    assert layer.length == layer.seen == 40 and torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert bool((layer.log_counts == 0).all()) and bool((layer.scores == 0).all())
+    buffer = layer._key_buf.data_ptr()
+    more = torch.randn(3, 2, 12, 8)
+    layer.update(more, more)
+    assert layer._key_buf.data_ptr() == buffer and torch.equal(layer.keys[:, :, 40:], more)

@@ -941,11 +941,13 @@ class ClusteredCache(Cache):
         """A new empty cache with the same settings and method."""
         return ClusteredCache(self.config, compressor=self.compressor)
 
-    def holding(self, entries: list[tuple[torch.Tensor, torch.Tensor] | None]) -> ClusteredCache:
+    def holding(self, entries: list[tuple[torch.Tensor, torch.Tensor] | None], room: int = 0) -> ClusteredCache:
         """A new cache of the same settings and method whose layer ``i`` holds ``entries[i]``
         (``keys, values`` ``[batch, kv_heads, n, head_dim]``, every entry one real token), as an
-        unclustered prefill leaves it; ``None`` leaves a layer empty. The context-reconstruction
-        repeats run on such caches, several chunks of a context side by side as batch rows."""
+        unclustered prefill leaves it; ``None`` leaves a layer empty. ``room``: entries each
+        layer's buffers have space for beyond those, so a forward of that many tokens appends
+        without copying the buffers again. The context-reconstruction repeats run on such
+        caches, several chunks of a context side by side as batch rows."""
         if isinstance(self.config, ClusterGenConfig):
             raise ChelseaError("clustergen caches do not take stored entries")
         cache = self.empty_like()
@@ -954,6 +956,7 @@ class ClusteredCache(Cache):
             if pair is not None:
                 keys, values = pair
                 layer.lazy_initialization(keys, values)
+                layer._reserve(keys.shape[2] + room)
                 layer._append(keys, values)
                 layer.seen = layer.since_compression = keys.shape[2]
             cache.layers.append(layer)

@@ -297,18 +297,25 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, de
     the first ``depth`` layers; the scores of the ``scored`` layers go back to ``cache``'s entries
     (a sink keeps its largest score over the chunks)."""
     sinks = min(sinks, part[0][0])
-    width, rows = part[0][1] - part[0][0], part[0][2].shape[0]
+    width, rows, chunks = part[0][1] - part[0][0], part[0][2].shape[0], len(part)
+    lo0, device = part[0][0], part[0][2].device
+    if [lo for lo, _, _ in part] != list(range(lo0, lo0 + chunks * width, width)):  # as _side_by_side groups them
+        raise AssertionError("side-by-side repeats take consecutive chunks of one width")
+    # Made on the device: copying an index from host memory would wait for the GPU.
+    index = torch.cat([torch.arange(sinks, device=device).expand(chunks, sinks),
+                       lo0 + torch.arange(chunks * width, device=device).view(chunks, width)], dim=1).flatten()
 
-    def visible(t):  # [rows, kv, n, d] -> [chunks * rows, kv, sinks + width, d]
-        return torch.cat([torch.cat([t[:, :, :sinks], t[:, :, lo:hi]], dim=2) for lo, hi, _ in part])
+    def visible(t):  # [rows, kv, n, d] -> [chunks * rows, kv, sinks + width, d], chunk-major
+        picked = t.index_select(2, index).view(rows, t.shape[1], chunks, sinks + width, t.shape[3])
+        return picked.permute(2, 0, 1, 3, 4).reshape(chunks * rows, t.shape[1], sinks + width, t.shape[3])
 
     entries = [(visible(layer.keys), visible(layer.values)) if layer.is_initialized and i < depth else None
                for i, layer in enumerate(cache.layers)]
-    side = cache.holding(entries)
+    ids = torch.cat([ids for _, _, ids in part])
+    side = cache.holding(entries, room=ids.shape[1])
     for i, (layer, gram) in enumerate(zip(side.layers, grams)):
         layer.reconstruction = (Reconstruction(sinks + width, sinks, sinks + width, sinks, "local", output_gram=gram, score=i in scored)
                                 if i < depth else _StopRepeat())
-    ids = torch.cat([ids for _, _, ids in part])
     positions = torch.arange(n, n + ids.shape[1], device=ids.device)[None]
     with side.held():
         try:
@@ -318,11 +325,11 @@ def _repeat_side_by_side(model, cache, part, n: int, sinks: int, grams: list, de
     for i, (layer, mine) in enumerate(zip(cache.layers, side.layers)):
         if i not in scored or not layer.is_initialized:
             continue
-        got = mine.scores[:, :, : sinks + width].view(len(part), rows, layer.scores.shape[1], sinks + width)
+        got = mine.scores[:, :, : sinks + width].view(chunks, rows, layer.scores.shape[1], sinks + width)
         if sinks:
             layer.scores[:, :, :sinks] = torch.maximum(layer.scores[:, :, :sinks], got[..., :sinks].amax(0))
-        for j, (lo, hi, _) in enumerate(part):
-            layer.scores[:, :, lo:hi] = torch.maximum(layer.scores[:, :, lo:hi], got[j, ..., sinks:])
+        span = layer.scores[:, :, lo0 : lo0 + chunks * width]  # [rows, kv, chunks * width]: one maximum over every chunk
+        span.copy_(torch.maximum(span, got[..., sinks:].permute(1, 2, 0, 3).reshape(span.shape)))
 
 
 def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
@@ -466,8 +473,10 @@ def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, block:
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, input_ids.shape[1] - 1, block):
         stop = min(input_ids.shape[1] - 1, start + block)
-        logprobs = head(hidden[:, start:stop]).log_softmax(-1, dtype=torch.float32)  # cast inside the kernel: no float copy
-        out[:, start + 1 : stop + 1] = -logprobs.gather(-1, input_ids[:, start + 1 : stop + 1, None].to(hidden.device))[..., 0]
+        logits = head(hidden[:, start:stop])
+        target = logits.gather(-1, input_ids[:, start + 1 : stop + 1, None].to(hidden.device))[..., 0]
+        # log p = logit - logsumexp: one reduction over the vocabulary, no log-probability tensor written
+        out[:, start + 1 : stop + 1] = logits.logsumexp(-1).float() - target.float()
     return out
 
 
