@@ -41,6 +41,7 @@ PHASES = {  # phase -> (module, function) timed around every call
     "fact-head lookup": (chelsea.importance, "find_fact_heads"),
     "reconstruction repeat": (chelsea.importance, "score_by_reconstruction"),
     "layer budgets": (chelsea.cache, "layer_shares"),
+    "calibrated layer budgets": (chelsea.cache, "profile_shares"),
     "fact-head ranks": (chelsea.importance, "_lend_fact_ranks"),
     "clustering": (chelsea.cache, "compress_together"),
 }

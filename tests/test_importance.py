@@ -14,7 +14,7 @@ from chelsea.generation import use_method
 from chelsea.importance import (Reconstruction, compress_context, output_gram, output_grams, repeat_prompts,
                                score_by_reconstruction, token_surprisal)
 from chelsea.methods import COMPRESSORS, guided_merge, kvzip_evict
-from chelsea.methods._budgets import layer_shares
+from chelsea.methods._budgets import layer_shares, profile_shares, score_profile
 
 
 def _data(batch=2, heads=3, length=120, seed=0):
@@ -117,6 +117,21 @@ def test_layer_shares_sum_to_the_budget_follow_the_scores_and_respect_the_floor(
     assert shares[0] == 20 and shares[1] > 100 and shares[2] > 100
     assert layer_shares([low, high], 100, floor=1.0) == [100, 100]
     assert layer_shares([low[..., :50], high[..., :50]], 100) == [50, 50]  # all fits
+
+
+def test_profile_shares_split_the_budget_as_the_scores_they_summarise_would():
+    g = torch.Generator().manual_seed(1)
+    low, high = torch.rand(2, 2, 500, generator=g) * 0.1, torch.rand(2, 2, 500, generator=g)
+    profile = torch.stack([score_profile(s, points=1000) for s in (low, high, high)])
+    assert bool((profile[:, 1:] <= profile[:, :-1]).all()) and profile[1, 0] == high.max() and profile[1, -1] == high.min()
+    shares = profile_shares(profile, 100, 500, floor=0.2)
+    assert sum(shares) == 300 and shares[0] == 20
+    want = layer_shares([low, high, high.clone()], 100, floor=0.2)
+    assert all(abs(a - b) <= 3 for a, b in zip(shares, want))  # quantiles of pooled rows, not each row's ranks
+    # A profile holds no length: the same distributions split a longer context's region alike.
+    assert [s // 4 for s in profile_shares(profile, 400, 2000, floor=0.2)] == [s for s in shares]
+    assert profile_shares(profile, 600, 500) == [500] * 3 and profile_shares(profile[:, :0].reshape(0, 0), 10, 50) == []
+    assert profile_shares(torch.ones(3, 16), 100, 500) == [100, 100, 100]  # alike layers: an even split
 
 
 def _tiny(layers=3):
@@ -522,6 +537,34 @@ def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an
     assert sum(layer.length for layer in cache.layers) == 3 * budget
     with pytest.raises(ChelseaError, match="score_layers"):
         CompressionConfig(score_layers="some")
+
+
+def test_calibrated_budgets_come_from_the_calibration_profile_and_need_no_surprisal(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = _tiny(layers=3)
+    use_method(model, "chelsea")
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", layer_budgets="calibrated")
+    heads = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge))
+    assert len(heads.profile) == 3 and all(len(p) == 256 for p in heads.profile)
+    (fact_layer, _), = heads.heads
+    seen = {}
+    real = importance.score_by_reconstruction
+    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    monkeypatch.setattr(importance, "_prefill_with_surprisal", lambda *a, **k: pytest.fail("surprisal computed"))
+    cache = ClusteredCache(config, compressor=guided_merge)
+    compress_context(model, cache, ids, tokenizer, chunk_size=128)
+    assert seen["scored"] == {fact_layer}  # only the fact heads' layers are scored
+    keep = config.budget(300) - config.sink_tokens - config.window
+    shares = profile_shares(torch.tensor(heads.profile), keep, 300 - config.sink_tokens - config.window, config.layer_floor)
+    assert [layer.length for layer in cache.layers] == [config.sink_tokens + config.window + s for s in shares]
+    assert sum(layer.length for layer in cache.layers) == 3 * config.budget(300)
+    with pytest.raises(ChelseaError, match="layer_budgets"):
+        CompressionConfig(layer_budgets="even")
+    with pytest.raises(ChelseaError, match="fact_weight"):
+        CompressionConfig(layer_budgets="calibrated", fact_weight=0)
 
 
 def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypatch):

@@ -208,6 +208,29 @@ def test_largest_attention_kernel_matches_the_softmax_written_out(dtype, heads, 
 
 
 @cuda
+@pytest.mark.parametrize("kv_heads,old,m", [(2, 4100, 2070), (14, 70, 33)])
+def test_flash_normaliser_gives_the_scores_and_the_output_of_the_separate_passes(kv_heads, old, m):
+    """The repeat takes each query's log-normaliser from the flash kernel that computes its output:
+    the output equals weighted_attention's, the scores equal those the kernel's own normaliser
+    pass gives and the softmax written out."""
+    from chelsea.attention import causal_attention_with_normaliser, weighted_attention
+    from chelsea.kernels import largest_attention_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    query = torch.randn(2, m, 14, 64, generator=g, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    key = torch.randn(2, kv_heads, old + m, 64, generator=g, device="cuda").to(torch.bfloat16)
+    value = torch.randn(2, kv_heads, old + m, 64, generator=g, device="cuda").to(torch.bfloat16)
+    got = causal_attention_with_normaliser(query, key, value, scale=0.125)
+    assert got is not None
+    out, lse = got
+    assert lse.shape == (2, 14, m) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, weighted_attention(query, key, value, scale=0.125), rtol=2e-2, atol=2e-2)
+    scores = largest_attention_kernel(query, key, None, old, 0.125, lse=lse)
+    torch.testing.assert_close(scores, largest_attention_kernel(query, key, None, old, 0.125), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(scores, _written_out_largest_attention(query, key, None, old, 0.125), rtol=2e-3, atol=1e-6)
+
+
+@cuda
 def test_largest_attention_kernel_weighs_each_query_head_as_the_pytorch_path():
     """``log_weight`` (output-norm scoring) is added per query head before the maximum over the
     group, in the kernel as in the PyTorch path."""

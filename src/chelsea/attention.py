@@ -86,6 +86,31 @@ def weighted_attention(
     return out
 
 
+def causal_attention_with_normaliser(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention (aligned to the last key, every entry one token) and each query's
+    log-normaliser, ``(out [batch, heads, q, d], lse [batch, heads, q] float32)``, from PyTorch's
+    flash kernel, which computes the log-sum-exp anyway; ``None`` where that kernel does not take
+    the tensors (CPU, float32, a head size it lacks, flash attention switched off).
+
+    The context-reconstruction scores (:mod:`chelsea.importance`) need exactly this normaliser:
+    taking it here saves a second pass over the keys."""
+    q_len, n, dim = query.shape[2], key.shape[2], query.shape[-1]
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
+            and value.dtype == query.dtype and dim % 8 == 0 and dim <= 256 and value.shape[-1] == dim
+            and q_len <= n and torch.backends.cuda.flash_sdp_enabled()):
+        return None
+    try:
+        # The flash op's causal mask is aligned to the last key (lower right), as the repeat needs.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, is_causal=True, return_debug_mask=False,
+            scale=dim ** -0.5 if scale is None else scale)[:2]
+    except RuntimeError:  # a GPU or build without this kernel
+        return None
+    return out, lse[..., :q_len]
+
+
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,

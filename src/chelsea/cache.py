@@ -36,7 +36,7 @@ from .errors import ChelseaError
 from .importance import OBSERVATION_WINDOW, Reconstruction
 from .kernels import write_slot
 from .methods._attention_scores import attention_mass, largest_attention_received
-from .methods._budgets import layer_shares
+from .methods._budgets import layer_shares, profile_shares
 from .methods._eviction import region_bounds
 from .methods.chelsea import chunked_soft_matching
 from .methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
@@ -914,11 +914,13 @@ class ClusteredCache(Cache):
         if due:
             compress_together(due)
 
-    def compress_all(self, rerank=None, even: frozenset[int] = frozenset()) -> None:
+    def compress_all(self, rerank=None, even: frozenset[int] = frozenset(), profile: torch.Tensor | None = None) -> None:
         """Compress every layer to its budget now. Importance-ranked methods first split the budget
         unevenly over layers by their scores (:func:`chelsea.methods._budgets.layer_shares`);
         the layers whose indices are in ``even`` (scored otherwise than the rest, so not
-        comparable) keep an even share and the others split theirs. ``rerank(layers)``, when
+        comparable) keep an even share and the others split theirs. ``profile`` ``[layers,
+        points]`` (the held layers' calibrated score quantiles) splits it by those instead, over
+        every layer (:func:`chelsea.methods._budgets.profile_shares`). ``rerank(layers)``, when
         given, may then rewrite the layers' scores (``chelsea``'s fact heads), so the budgets stay
         the ones the scores asked for."""
         layers = [layer for layer in self.layers if layer.is_initialized]
@@ -929,9 +931,13 @@ class ClusteredCache(Cache):
             seen = layers[0].seen
             keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
             if keep > 0 and all(layer.length == seen for layer in layers):
-                ranked = [layer for i, layer in enumerate(self.layers) if layer.is_initialized and i not in even]
-                regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in ranked]
-                for layer, share in zip(ranked, layer_shares(regions, keep, cfg.layer_floor)):
+                if profile is not None and len(profile) == len(layers):
+                    ranked, shares = layers, profile_shares(profile, keep, seen - cfg.sink_tokens - cfg.window, cfg.layer_floor)
+                else:
+                    ranked = [layer for i, layer in enumerate(self.layers) if layer.is_initialized and i not in even]
+                    regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in ranked]
+                    shares = layer_shares(regions, keep, cfg.layer_floor)
+                for layer, share in zip(ranked, shares):
                     layer.share = share / keep
         if rerank is not None:
             rerank(layers)

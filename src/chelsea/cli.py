@@ -55,6 +55,7 @@ RepeatDepthOpt = Annotated[str, typer.Option("--repeat-depth", help="chelsea wit
 FactLayersOpt = Annotated[int, typer.Option("--fact-layers", help="chelsea: choose the fact heads among the first N layers only, so the repeat (--repeat-depth facts) runs through at most N layers; 0: any layer.")]
 RepeatChunkOpt = Annotated[int, typer.Option("--repeat-chunk", help="kvzip, chelsea: context tokens repeated per chunk by the reconstruction (its attention work grows with the chunk).")]
 ScoreLayersOpt = Annotated[str, typer.Option("--score-layers", help="chelsea with fact heads: the layers that take scores from the reconstruction repeat: 'all' it runs through, or only those holding a fact head ('facts'; the others keep the last queries' scores and an even budget).")]
+LayerBudgetsOpt = Annotated[str, typer.Option("--layer-budgets", help="chelsea with fact heads: split the budget over layers by this context's 'scores', or by each layer's score distribution measured once with the fact heads ('calibrated'; then only the fact heads' layers are scored and no surprisal is computed).")]
 FloorOpt = Annotated[float, typer.Option("--layer-floor", help="kvzip, chelsea: least budget of a layer, as a fraction of an even split.")]
 EveryOpt = Annotated[
     int | None, typer.Option("--compress-every", help="Cluster again after this many decoded tokens (default: chunk size).")
@@ -153,6 +154,7 @@ def generate(
     fact_layers: FactLayersOpt = 0,
     repeat_chunk: RepeatChunkOpt = 2048,
     score_layers: ScoreLayersOpt = "all",
+    layer_budgets: LayerBudgetsOpt = "scores",
     compress_every: EveryOpt = None,
     decode_span: SpanOpt = 256,
     delta: DeltaOpt = 1.0,
@@ -188,7 +190,7 @@ def generate(
                                    importance=importance, surprise_weight=surprise_weight, output_norm=output_norm,
                                    fact_weight=fact_weight, fact_heads=fact_heads, repeat_depth=repeat_depth,
                                    fact_layers=fact_layers or None, repeat_chunk=repeat_chunk,
-                                   score_layers=score_layers)
+                                   score_layers=score_layers, layer_budgets=layer_budgets)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
     lm, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -330,6 +332,7 @@ def eval_(
     fact_layers: FactLayersOpt = 0,
     repeat_chunk: RepeatChunkOpt = 2048,
     score_layers: ScoreLayersOpt = "all",
+    layer_budgets: LayerBudgetsOpt = "scores",
     delta: DeltaOpt = 1.0,
     cluster_samples: ClusterSamplesOpt = 4,
     value_samples: ValueSamplesOpt = 256,
@@ -351,7 +354,7 @@ def eval_(
                  exact_share=exact_share, min_similarity=min_similarity, merge=merge, layer_floor=layer_floor,
                  surprise_weight=surprise_weight, output_norm=output_norm, fact_weight=fact_weight, fact_heads=fact_heads,
                  repeat_depth=repeat_depth, fact_layers=fact_layers or None, repeat_chunk=repeat_chunk,
-                 score_layers=score_layers)
+                 score_layers=score_layers, layer_budgets=layer_budgets)
     CompressionConfig(**knobs)
     clustergen = ClusterGenConfig(delta, cluster_samples, value_samples, sinks, window, numerator=numerator, radius=radius)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)

@@ -87,6 +87,13 @@ class CompressionConfig:
             hidden states feed the deeper layers, but skip the scoring kernel); the rest keep the
             prefill's last-query scores, take an even share of the budget and rank by the fact
             heads like every layer.
+        layer_budgets: ``chelsea`` with fact heads, reconstruction scores only. ``"scores"``
+            (default): the budget is split over layers by this context's scores (every entry of
+            every layer ranked together). ``"calibrated"``: by the score distributions of each
+            layer measured once, with the fact heads, on the calibration prompts; then only the
+            fact heads' layers are scored by the repeat (the others' own scores would only
+            break ties in the fact heads' ranking) and no surprisal is computed (it would only
+            move the budgets).
     """
 
     ratio: float = 0.5
@@ -110,6 +117,7 @@ class CompressionConfig:
     fact_layers: int | None = None
     repeat_chunk: int = 2048
     score_layers: str = "all"
+    layer_budgets: str = "scores"
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) < 1.0:
@@ -148,6 +156,10 @@ class CompressionConfig:
             raise ChelseaError(f"repeat_depth must be 'all' or 'facts' (stop after the deepest fact head); got {self.repeat_depth!r}")
         if self.score_layers not in ("all", "facts"):
             raise ChelseaError(f"score_layers must be 'all' or 'facts' (only the fact heads' layers score the repeat); got {self.score_layers!r}")
+        if self.layer_budgets not in ("scores", "calibrated"):
+            raise ChelseaError(f"layer_budgets must be 'scores' (from this context) or 'calibrated' (from the fact-head calibration); got {self.layer_budgets!r}")
+        if self.layer_budgets == "calibrated" and not self.fact_weight:
+            raise ChelseaError("layer_budgets='calibrated' comes from the fact-head calibration: it needs fact_weight > 0")
         if self.fact_layers is not None and (not isinstance(self.fact_layers, int) or self.fact_layers < 1):
             raise ChelseaError(f"fact_layers must be an integer >= 1 (the first layers fact heads are chosen from) or None; got {self.fact_layers!r}")
         if not isinstance(self.repeat_chunk, int) or self.repeat_chunk < 16:

@@ -29,7 +29,7 @@ import torch
 from .errors import ChelseaError
 from .prompts import chat_frame, find_haystack, haystack_text
 
-CALIBRATION_VERSION = 1  # raise when the calibration changes, so stored fact heads are not reused
+CALIBRATION_VERSION = 2  # raise when the calibration changes, so stored fact heads are not reused
 CALIBRATION_LENGTH = 1024
 CALIBRATION_PROMPTS = 3
 CODES_PER_PROMPT = 8
@@ -48,10 +48,14 @@ _LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 @dataclass(frozen=True)
 class FactHeads:
     """The chosen ``(cache layer, KV head)`` pairs, best first, and each one's calibration hit rate
-    (the share of the planted codes' tokens inside its top :data:`TOP_SHARE`)."""
+    (the share of the planted codes' tokens inside its top :data:`TOP_SHARE`). ``profile``: per
+    cache layer, the quantiles of its reconstruction scores on the calibration prompts, largest
+    first (:func:`chelsea.methods._budgets.score_profile`), from which ``layer_budgets=
+    "calibrated"`` splits the budget over layers without scoring them again."""
 
     heads: tuple[tuple[int, int], ...]
     hit_rate: tuple[float, ...]
+    profile: tuple[tuple[float, ...], ...] = ()
 
 
 def _code(rng: random.Random) -> str:

@@ -43,6 +43,14 @@ calibrated on first use by :func:`find_fact_heads`), and with ``CompressionConfi
 past it ends the forward (its attention raises :class:`_RepeatDone`), so the deeper layers cost
 nothing and keep their prefill scores. With ``CompressionConfig.score_layers`` ``"facts"`` only
 the layers that hold a fact head run the scoring kernel in the repeat; the others only attend.
+With ``CompressionConfig.layer_budgets`` ``"calibrated"`` the budget is split over layers by each
+layer's score distribution on the calibration prompts (stored with the fact heads), so only the
+fact heads' layers are scored and no surprisal is computed: the layers' own scores would only
+break ties in the fact heads' ranking.
+
+On CUDA the local view's repeat takes each query's log-normaliser from the flash kernel that
+computes its attention output (:func:`chelsea.attention.causal_attention_with_normaliser`), so the
+scoring kernel makes one pass over the keys instead of two.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import weighted_attention
+from .attention import causal_attention_with_normaliser, weighted_attention
 from .compat import cache_arg
 from .errors import ChelseaError
 from .fact_heads import (CALIBRATION_LENGTH, CALIBRATION_VERSION, CODES_PER_PROMPT, FactHeads, calibration_prompts,
@@ -63,6 +71,7 @@ from .fact_heads import (CALIBRATION_LENGTH, CALIBRATION_VERSION, CODES_PER_PROM
 from .kernels import largest_attention_applies, largest_attention_kernel
 from .models import cache_dir
 from .methods._attention_scores import logit_blocks
+from .methods._budgets import score_profile
 from .prompts import chat_frame
 
 OBSERVATION_WINDOW = 32
@@ -107,13 +116,20 @@ class Reconstruction:
         if self.output_gram is not None:
             v = value.index_select(2, old) if visible is not None else value[:, :, :scored]
             weight = output_weight(v, self.output_gram)
-        best = largest_attention(query, k, bias, scored, query.shape[-1] ** -0.5 if scale is None else scale,
-                                 self.max_block_bytes, log_weight=None if weight is None else weight.log())
-        scores[:, :, old] = torch.maximum(scores[:, :, old], best)
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        log_weight = None if weight is None else weight.log()
         if self.view == "full":
+            best = largest_attention(query, k, bias, scored, scale, self.max_block_bytes, log_weight=log_weight)
+            scores[:, :, old] = torch.maximum(scores[:, :, old], best)
             return weighted_attention(query, key, value, log_counts, scale=scale)
         v = value if visible is None else value.index_select(2, visible)
-        return weighted_attention(query, k, v, bias, scale=scale)
+        # The output attends to exactly the keys the scores are over, so the attention kernel's
+        # log-normaliser is the scores' too (on CUDA; elsewhere the scores compute their own).
+        got = causal_attention_with_normaliser(query, k, v, scale=scale) if bias is None else None
+        best = largest_attention(query, k, bias, scored, scale, self.max_block_bytes, log_weight=log_weight,
+                                 lse=None if got is None else got[1])
+        scores[:, :, old] = torch.maximum(scores[:, :, old], best)
+        return got[0] if got is not None else weighted_attention(query, k, v, bias, scale=scale)
 
 
 class _RepeatDone(Exception):
@@ -168,7 +184,7 @@ def output_grams(model, cache, depth: int | None = None) -> list[torch.Tensor | 
 
 
 def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes: int = 1 << 30,
-                      log_weight: torch.Tensor | None = None) -> torch.Tensor:
+                      log_weight: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """The largest softmax attention each of the first ``old`` keys receives from any query of
     any query head that reads its KV head, ``[batch, kv_heads, old]`` float32.
 
@@ -179,10 +195,12 @@ def largest_attention(query, key, bias, old: int, scale: float, max_block_bytes:
     is multiplied by the values here (the output comes from the attention kernel). On CUDA the
     Triton kernels of :mod:`chelsea.kernels.largest_attention` compute the same without the logits
     tensor. ``log_weight`` ``[batch, kv_heads, groups, old]``: each query head's attention to
-    an entry is multiplied by its exponential before the maximum (``output_norm``).
+    an entry is multiplied by its exponential before the maximum (``output_norm``). ``lse``
+    ``[batch, heads, m]``: each query's log-normaliser, when the attention kernel gave it (the
+    Triton path then skips its own pass; the PyTorch path computes it anyway).
     """
     if largest_attention_applies(query, key):
-        return largest_attention_kernel(query, key, bias, old, scale, log_weight=log_weight)
+        return largest_attention_kernel(query, key, bias, old, scale, log_weight=log_weight, lse=lse)
     return _largest_attention_torch(query, key, bias, old, scale, max_block_bytes, log_weight)
 
 
@@ -360,6 +378,10 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
     weight = cache.config.surprise_weight if getattr(cache.compressor, "uses_surprise", False) else 0.0
     fact = cache.config.fact_weight if getattr(cache.compressor, "uses_fact_heads", False) and reconstruct is not None else 0.0
     heads = find_fact_heads(model, tokenizer, cache) if fact > 0 else None
+    profile = None
+    if heads is not None and cache.config.layer_budgets == "calibrated" and heads.profile:
+        profile = torch.tensor(heads.profile)
+        weight = 0.0  # the surprisal would only move the budgets, which the calibration sets
     rerank, depth, scored = None, None, None
     with cache.held(question=question), torch.no_grad():
         if weight > 0 or cache.config.importance == "surprise":
@@ -371,7 +393,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
                 held = [i for i, layer in enumerate(cache.layers) if layer.is_initialized]
                 if cache.config.repeat_depth == "facts":
                     depth = held[max(layer for layer, _ in heads.heads)] + 1
-                if cache.config.score_layers == "facts":
+                if cache.config.score_layers == "facts" or profile is not None:
                     scored = frozenset(held[layer] for layer, _ in heads.heads)
             score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size or cache.config.repeat_chunk, view=reconstruct,
                                     keep_scores=question, depth=depth, scored=scored)
@@ -389,7 +411,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
         layer.rescore = False
     every = range(len(cache.layers))
     even = frozenset(i for i in every if i not in scored) if scored is not None else frozenset(every[depth or len(every):])
-    cache.compress_all(rerank=rerank, even=even)
+    cache.compress_all(rerank=rerank, even=even, profile=profile)
     return logits
 
 
@@ -408,7 +430,8 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
     if stored is not None and stored.is_file():
         try:
             data = json.loads(stored.read_text())
-            memo[key] = FactHeads(tuple(tuple(h) for h in data["heads"]), tuple(data["hit_rate"]))
+            memo[key] = FactHeads(tuple(tuple(h) for h in data["heads"]), tuple(data["hit_rate"]),
+                                  tuple(tuple(p) for p in data.get("profile", ())))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged file: calibrate again
     if key not in memo:
@@ -420,16 +443,17 @@ def find_fact_heads(model, tokenizer, cache) -> FactHeads:
         ids, probe = ids.to(model.device), cache.empty_like()
         with probe.held(), torch.no_grad():
             model(ids, **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
-            depth = None if cfg.fact_layers is None else min(cfg.fact_layers, len(probe.layers))
-            score_by_reconstruction(model, probe, ids, tokenizer, view=view, depth=depth)
-        scores = [layer.scores for layer in probe.layers if layer.is_initialized][: cfg.fact_layers]
-        memo[key] = choose_heads(head_hits(scores, positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
+            score_by_reconstruction(model, probe, ids, tokenizer, view=view)  # every layer: the budget profile needs them all
+        scores = [layer.scores for layer in probe.layers if layer.is_initialized]
+        chosen = choose_heads(head_hits(scores[: cfg.fact_layers], positions, cfg.sink_tokens, cfg.window), cfg.fact_heads)
+        profile = tuple(tuple(score_profile(s[:, :, cfg.sink_tokens : s.shape[-1] - cfg.window]).tolist()) for s in scores)
+        memo[key] = FactHeads(chosen.heads, chosen.hit_rate, profile)
         log.info("fact heads (layer, KV head: share of the calibration codes in its top 10%%): %s",
                  ", ".join(f"L{l}h{h} {r:.2f}" for (l, h), r in zip(memo[key].heads, memo[key].hit_rate)))
         if stored is not None:
             try:
                 stored.parent.mkdir(parents=True, exist_ok=True)
-                stored.write_text(json.dumps({"heads": memo[key].heads, "hit_rate": memo[key].hit_rate}))
+                stored.write_text(json.dumps({"heads": memo[key].heads, "hit_rate": memo[key].hit_rate, "profile": memo[key].profile}))
             except OSError:
                 pass  # a read-only cache folder: calibrate again next time
     return memo[key]

@@ -13,6 +13,10 @@ here the logits stay in registers:
    the largest ``logit - log-normaliser`` of each key over all queries. The group's heads write
    separate rows, reduced afterwards, so nothing is atomic and the result is deterministic.
 
+When the caller already has each query's log-normaliser (the flash attention kernel that computes
+the repeat's output returns it: :func:`chelsea.attention.causal_attention_with_normaliser`), it
+passes it as ``lse`` and the first kernel is skipped.
+
 The scores come back as probabilities, ``[batch, kv_heads, old]`` float32. This module imports
 nothing from the rest of the package.
 """
@@ -120,8 +124,8 @@ def largest_attention_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def largest_attention_kernel(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, old: int, scale: float,
-                             *, log_weight: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
-                             num_warps: int = 4) -> torch.Tensor:
+                             *, log_weight: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                             block_m: int = 64, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """``[batch, kv_heads, old]`` float32: the largest softmax attention each of the first ``old``
     keys receives (see the module doc); the caller has checked :func:`largest_attention_applies`.
 
@@ -129,6 +133,8 @@ def largest_attention_kernel(query: torch.Tensor, key: torch.Tensor, bias: torch
     ``[batch, kv_heads | 1, old + m]`` added to the logits (``-inf`` hides a key) or ``None``.
     ``log_weight`` ``[batch, kv_heads, groups, old]`` is added to each query head's largest
     log-probability before the maximum over the group's heads (or ``None``).
+    ``lse`` ``[batch, heads, m]``: each query's log-normaliser over the keys it sees, bias
+    included, when the caller has it (or ``None``: computed here).
     """
     batch, heads, m, dim = query.shape
     kv_heads = key.shape[1]
@@ -146,11 +152,16 @@ def largest_attention_kernel(query: torch.Tensor, key: torch.Tensor, bias: torch
         bias, bias_strides = torch.empty(1, **f32), (0, 0, 0)
     common = dict(HAS_BIAS=has_bias, PRECISION=precision,
                   BLOCK_M=block_m, BLOCK_N=block_n, D=dpow, DIM=dim, num_warps=num_warps)
-    lse = torch.empty(batch * heads, m, **f32)
-    _normaliser_kernel[(batch * heads, triton.cdiv(m, block_m))](
-        query, key, bias, lse, *query.stride(), *key.stride(), *bias_strides,
-        heads, groups, m, old, scale, **common,
-    )
+    if lse is not None:
+        if lse.shape != (batch, heads, m):
+            raise ValueError(f"lse must be [batch, heads, queries] = {[batch, heads, m]}; got {list(lse.shape)}")
+        lse = lse.float().contiguous().view(batch * heads, m)
+    else:
+        lse = torch.empty(batch * heads, m, **f32)
+        _normaliser_kernel[(batch * heads, triton.cdiv(m, block_m))](
+            query, key, bias, lse, *query.stride(), *key.stride(), *bias_strides,
+            heads, groups, m, old, scale, **common,
+        )
     out = torch.empty(groups, batch, kv_heads, old, **f32)
     if old > 0:
         _maximum_kernel[(batch * kv_heads, triton.cdiv(old, block_n), groups)](

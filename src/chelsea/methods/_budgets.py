@@ -3,7 +3,9 @@
 Every KV head of a layer keeps the same number of entries (the layer stays one dense tensor, so
 its bytes are really freed); layers differ. The entries outside sinks and window of all layers are
 ranked together; each layer's share of the region budget follows how many of the top-ranked
-entries it holds, never below ``floor`` of an even split.
+entries it holds, never below ``floor`` of an even split. :func:`profile_shares` does the same
+from score distributions measured once on calibration prompts (``chelsea``'s
+``layer_budgets="calibrated"``), so the layers need no scores of their own from this context.
 """
 
 from __future__ import annotations
@@ -38,7 +40,44 @@ def layer_shares(region_scores: list[torch.Tensor], keep: int, floor: float = 0.
     slots = sum(keep * h for h in heads)
     threshold = flat.topk(min(slots, flat.shape[1]), dim=1).values[:, -1:]  # [batch, 1]
     counts = torch.stack([(f >= threshold).sum(1).float().mean() for f in flats]).tolist()  # one read from the device
-    wanted = [c / h for c, h in zip(counts, heads)]
+    return _split([c / h for c, h in zip(counts, heads)], keep, caps, floor)
+
+
+def profile_shares(profiles: torch.Tensor, keep: int, length: int, floor: float = 0.2) -> list[int]:
+    """:func:`layer_shares` from calibrated score distributions instead of this context's scores.
+
+    ``profiles`` ``[layers, points]``: per layer, its region scores' quantiles on calibration
+    prompts, largest first (:func:`score_profile`); ``length``: region entries per KV head now.
+    Each quantile stands for ``1 / points`` of its layer's entries; the threshold that keeps
+    ``keep / length`` of them over all layers gives each layer its wanted share, split as
+    :func:`layer_shares` splits it."""
+    layers, points = profiles.shape
+    if layers == 0 or keep <= 0:
+        return [max(0, keep)] * layers
+    if keep >= length:
+        return [length] * layers
+    flat = profiles.float().flatten()
+    threshold = flat.topk(max(1, round(keep / length * flat.numel()))).values[-1]
+    wanted = ((profiles.float() >= threshold).sum(1).float() / points * length).tolist()
+    return _split(wanted, keep, [length] * layers, floor)
+
+
+def score_profile(region: torch.Tensor, points: int = 256) -> torch.Tensor:
+    """``[points]``: quantiles of a layer's region scores ``[rows, kv_heads, n]`` (all rows and
+    heads pooled), largest first; what :func:`profile_shares` ranks."""
+    values = region.float().flatten().sort(descending=True).values
+    at = torch.linspace(0, values.numel() - 1, points, device=values.device).round().long()
+    return values[at]
+
+
+def _split(wanted: list[float], keep: int, caps: list[int], floor: float) -> list[int]:
+    """Entries per KV head for each layer from the entries it ``wanted``: at least ``floor *
+    keep``, at most its cap, the rest in proportion to what it wanted beyond the floor, summing
+    to ``keep * layers`` (or every cap)."""
+    layers = len(wanted)
+    total = keep * layers
+    if total >= sum(caps):
+        return list(caps)
     least = math.ceil(floor * keep)
     spare = total - least * layers
     weight = [max(0.0, w - least) for w in wanted]
