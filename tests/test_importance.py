@@ -517,18 +517,31 @@ def test_the_repeat_scores_only_the_layers_it_is_told_and_the_others_keep_theirs
     assert all(layer.length == 300 and layer.seen == 300 for layer in some.layers)
 
 
-def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an_even_budget(tmp_path, monkeypatch):
-    import chelsea.importance as importance
-
+def _tiny_chelsea(tmp_path, monkeypatch):
+    """A 3-layer tiny model set up for ``chelsea``, its fact heads stored under ``tmp_path``, and a 300-token context."""
     monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
     model, tokenizer = _tiny(layers=3)
     use_method(model, "chelsea")
-    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
-    config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", score_layers="facts")
-    (fact_layer, _), = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge)).heads
+    return model, tokenizer, torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+
+
+def _record_repeat_options(monkeypatch) -> dict:
+    """The keyword arguments of the next ``score_by_reconstruction`` call, which still runs."""
+    import chelsea.importance as importance
+
     seen = {}
     real = importance.score_by_reconstruction
     monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    return seen
+
+
+def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an_even_budget(tmp_path, monkeypatch):
+    import chelsea.importance as importance
+
+    model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
+    config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", score_layers="facts")
+    (fact_layer, _), = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge)).heads
+    seen = _record_repeat_options(monkeypatch)
     cache = ClusteredCache(config, compressor=guided_merge)
     compress_context(model, cache, ids, tokenizer, chunk_size=128)
     assert seen["scored"] == {fact_layer} and seen["depth"] is None
@@ -542,17 +555,12 @@ def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an
 def test_calibrated_budgets_come_from_the_calibration_profile_and_need_no_surprisal(tmp_path, monkeypatch):
     import chelsea.importance as importance
 
-    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
-    model, tokenizer = _tiny(layers=3)
-    use_method(model, "chelsea")
-    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
     config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", layer_budgets="calibrated")
     heads = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge))
     assert len(heads.profile) == 3 and all(len(p) == 256 for p in heads.profile)
     (fact_layer, _), = heads.heads
-    seen = {}
-    real = importance.score_by_reconstruction
-    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    seen = _record_repeat_options(monkeypatch)
     monkeypatch.setattr(importance, "_prefill_with_surprisal", lambda *a, **k: pytest.fail("surprisal computed"))
     cache = ClusteredCache(config, compressor=guided_merge)
     compress_context(model, cache, ids, tokenizer, chunk_size=128)
@@ -570,15 +578,10 @@ def test_calibrated_budgets_come_from_the_calibration_profile_and_need_no_surpri
 def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypatch):
     import chelsea.importance as importance
 
-    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
-    model, tokenizer = _tiny(layers=3)
-    use_method(model, "chelsea")
-    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
     config = CompressionConfig(ratio=0.8, window=16, fact_heads=1, repeat_depth="facts")
     deepest = max(layer for layer, _ in importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge)).heads)
-    seen = {}
-    real = importance.score_by_reconstruction
-    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    seen = _record_repeat_options(monkeypatch)
     cache = ClusteredCache(config, compressor=guided_merge)
     compress_context(model, cache, ids, tokenizer, chunk_size=128)
     assert seen["depth"] == deepest + 1
@@ -591,18 +594,13 @@ def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypa
 def test_fact_layers_keeps_the_fact_heads_and_the_repeat_in_the_first_layers(tmp_path, monkeypatch):
     import chelsea.importance as importance
 
-    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
-    model, tokenizer = _tiny(layers=3)
-    use_method(model, "chelsea")
-    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(5))
+    model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
     config = CompressionConfig(ratio=0.8, window=16, fact_heads=4, fact_layers=1, repeat_chunk=96)
     heads = importance.find_fact_heads(model, tokenizer, ClusteredCache(config, compressor=guided_merge))
     assert {layer for layer, _ in heads.heads} == {0}
     wider = importance.find_fact_heads(model, tokenizer, ClusteredCache(replace(config, fact_layers=None), compressor=guided_merge))
     assert any(layer > 0 for layer, _ in wider.heads)  # 4 heads from 2 KV heads per layer: not all in layer 0
-    seen = {}
-    real = importance.score_by_reconstruction
-    monkeypatch.setattr(importance, "score_by_reconstruction", lambda *a, **k: seen.update(k) or real(*a, **k))
+    seen = _record_repeat_options(monkeypatch)
     cache = ClusteredCache(config, compressor=guided_merge)
     compress_context(model, cache, ids, tokenizer)
     assert seen["depth"] == 1 and seen["chunk_size"] == 96  # the config's repeat chunk, when none is passed

@@ -118,18 +118,18 @@ class Reconstruction:
             weight = output_weight(v, self.output_gram)
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         log_weight = None if weight is None else weight.log()
-        if self.view == "full":
-            best = largest_attention(query, k, bias, scored, scale, self.max_block_bytes, log_weight=log_weight)
-            scores[:, :, old] = torch.maximum(scores[:, :, old], best)
-            return weighted_attention(query, key, value, log_counts, scale=scale)
-        v = value if visible is None else value.index_select(2, visible)
-        # The output attends to exactly the keys the scores are over, so the attention kernel's
-        # log-normaliser is the scores' too (on CUDA; elsewhere the scores compute their own).
-        got = causal_attention_with_normaliser(query, k, v, scale=scale) if bias is None else None
+        v = None if self.view == "full" else value if visible is None else value.index_select(2, visible)
+        # The local view's output attends to exactly the keys the scores are over, so the attention
+        # kernel's log-normaliser is the scores' too (on CUDA; elsewhere the scores compute their own).
+        got = causal_attention_with_normaliser(query, k, v, scale=scale) if v is not None and bias is None else None
         best = largest_attention(query, k, bias, scored, scale, self.max_block_bytes, log_weight=log_weight,
                                  lse=None if got is None else got[1])
         scores[:, :, old] = torch.maximum(scores[:, :, old], best)
-        return got[0] if got is not None else weighted_attention(query, k, v, bias, scale=scale)
+        if got is not None:
+            return got[0]
+        if self.view == "full":
+            return weighted_attention(query, key, value, log_counts, scale=scale)
+        return weighted_attention(query, k, v, bias, scale=scale)
 
 
 class _RepeatDone(Exception):
