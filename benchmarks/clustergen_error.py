@@ -22,7 +22,7 @@ queries:
 distance from their mean. Both numerators are measured (``--numerators``): the paper's value-norm sample (``values``) and
 the cluster members' own values (``clusters``). ``--per-layer`` also writes one row per layer.
 
-Usage: python benchmarks/clustergen_error.py --model qwen2.5-coder-0.5b --max-tokens 16384 --out results/issue4
+Usage: python benchmarks/clustergen_error.py --model qwen2.5-coder-0.5b --max-tokens 16384 --out results/clustergen_error
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 
 from chelsea.methods.clustergen import ClusterGenSummary, clustergen_attention, radius_scale
 from chelsea.models import load_model
-from chelsea.prompts import find_haystack, haystack_text
+from chelsea.haystack import find_haystack, haystack_text
 
 
 def capture(model, tokenizer, n_tokens: int, layers: list[int]):
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--radius", default="norm", help="Comma-separated units of delta: norm, spread.")
     parser.add_argument("--per-layer", action="store_true", help="Also one row per layer (column layer).")
     parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("results/issue4"))
+    parser.add_argument("--out", type=Path, default=Path("results/clustergen_error"))
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))

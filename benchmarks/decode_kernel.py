@@ -13,7 +13,7 @@ bytes read (keys, values, log-counts) per second over the copy bandwidth measure
 (``copy_GBps``: bytes read + written by a device-to-device copy). Writes a JSON file and prints a
 table. This is the attention kernel only: whole-model decode speed is ``chelsea bench``'s job.
 
-Usage: python benchmarks/decode_kernel.py --out results/issue5/decode_kernel.json
+Usage: python benchmarks/decode_kernel.py --out results/decode_kernel.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=Path("results/issue5/decode_kernel.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/decode_kernel.json"))
     args = parser.parse_args()
     hq, h, dim = PRESETS[args.preset]
     bw = copy_bandwidth()

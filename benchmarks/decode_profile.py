@@ -2,7 +2,7 @@
 
 Prefills ``--batch`` random prompts of ``--context`` tokens into a cache (``--method full`` is the
 uncompressed cache in the same buffers), then decodes ``--steps`` tokens with
-:class:`chelsea.decoding.GraphDecoder` under ``torch.profiler`` and sums the CUDA time of every
+:class:`chelsea.runtime.GraphDecoder` under ``torch.profiler`` and sums the CUDA time of every
 kernel into groups: matrix products (weights), the decode attention kernel, and the rest (norms,
 rotary, element-wise, and the clustering that runs every ``compress_every`` tokens between
 replays). ``wall_ms_per_step`` is measured under the profiler. Prints a table and writes JSON;
@@ -24,10 +24,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import chelsea
-from chelsea.bench import load_bench_model
+from chelsea import CompressionConfig
 from chelsea.compat import cache_arg
-from chelsea.config import CompressionConfig
-from chelsea.decoding import GraphDecoder
+from chelsea.models import load_preset_or_model
+from chelsea.runtime import GraphDecoder
 
 
 def kind(name: str) -> str:
@@ -42,7 +42,7 @@ def kind(name: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama3-8b")
-    p.add_argument("--method", default="chelsea", choices=["chelsea", "full"])
+    p.add_argument("--method", default="chelsea-paper", help="a method name, or full (the uncompressed cache)")
     p.add_argument("--ratio", type=float, default=0.8)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--batch", type=int, default=4)
@@ -51,9 +51,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    model = chelsea.prepare_model(load_bench_model(args.model))
+    model = chelsea.prepare_model(load_preset_or_model(args.model))
     ratio = 0.0 if args.method == "full" else args.ratio
-    cache = chelsea.ClusteredCache(CompressionConfig(ratio=ratio, compress_every=args.compress_every))
+    cache = chelsea.ClusteredCache(CompressionConfig(ratio=ratio, compress_every=args.compress_every),
+                                   method="chelsea-paper" if args.method == "full" else args.method)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
     with torch.inference_mode():
         token = model(ids, **cache_arg(model, cache), logits_to_keep=1).logits[:, -1:].argmax(-1)

@@ -3,7 +3,7 @@
 One layer's keys and values of a preset (``llama3-8b``: 8 KV heads, head dim 128), bf16, random,
 clustered at ``--ratio`` with the default settings (chunks of 32, 4 sinks, a window of 64, half of
 set A per step), as right after a prefill. For each context and batch size it times
-:func:`chelsea.chunked_soft_matching` with the kernels (``triton``) and with them turned off
+:func:`chelsea.methods.chunked_soft_matching` with the kernels (``triton``) and with them turned off
 (``pytorch``), CUDA-event medians over repeated calls after warm-up; the host's launch time is
 inside those times whenever the GPU waits for it. ``*_gpu_s`` is the GPU's time alone (each call
 queued behind a spin, so the host is done issuing it before it starts): the cost inside a prefill
@@ -11,7 +11,7 @@ whose host runs ahead of the GPU. ``*_extra_mem_bytes``: peak memory allocated
 during the calls beyond the inputs. ``per_prefill_s`` is that times the preset's
 layers: the clustering's share of one prefill. Writes a JSON file and prints a table.
 
-Usage: python benchmarks/merge_step.py --out results/issue5/merge_step.json
+Usage: python benchmarks/merge_step.py --out results/merge_step.json
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from unittest import mock
 
 import torch
 
-from chelsea import chunked_soft_matching
-from chelsea.config import CompressionConfig
+from chelsea.methods import chunked_soft_matching
+from chelsea import CompressionConfig
 from chelsea.kernels import soft_matching
 from cuda_timing import median_seconds
 

@@ -19,7 +19,7 @@ and two virtualenvs, with one file between them:
 
 ``agnostic`` samples compress the context alone; ``after`` samples compress all but the last
 prompt token (the question included), like chelsea's eval. A reply scores the fraction of expected
-answers it contains as whole words (the rule of ``chelsea.tasks.score``). kvpress's presses mask
+answers it contains as whole words (the rule of ``chelsea.evaluation.tasks.score``). kvpress's presses mask
 evicted entries rather than free them (KVzip ranks over all heads); their bytes are not measured.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 
 def make_prompts(args) -> None:
-    from chelsea.tasks import TaskBuilder
+    from chelsea.evaluation.tasks import TaskBuilder
 
     builder = TaskBuilder(_tokenizer(args.model), seed=args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -29,21 +29,20 @@ from torch.profiler import ProfilerActivity, profile
 
 from transformers import DynamicCache
 
-import chelsea.cache
-import chelsea.importance
-from chelsea.bench import load_with_tokenizer
+import chelsea.cache.cache as cache_module
+import chelsea.scoring.context as context
+from chelsea import CompressionConfig, compress_context
 from chelsea.compat import cache_arg
-from chelsea.config import CompressionConfig
-from chelsea.generation import make_cache, use_method
-from chelsea.importance import compress_context
+from chelsea.methods import configure
+from chelsea.models import load_with_tokenizer
+from chelsea.runtime import make_cache, use_method
 
 PHASES = {  # phase -> (module, function) timed around every call
-    "fact-head lookup": (chelsea.importance, "find_fact_heads"),
-    "reconstruction repeat": (chelsea.importance, "score_by_reconstruction"),
-    "layer budgets": (chelsea.cache, "layer_shares"),
-    "calibrated layer budgets": (chelsea.cache, "profile_shares"),
-    "fact-head ranks": (chelsea.importance, "_lend_fact_ranks"),
-    "clustering": (chelsea.cache, "compress_together"),
+    "fact-head lookup": (context, "find_fact_heads"),
+    "reconstruction repeat": (context, "score_by_reconstruction"),
+    "layer budgets": (context, "split_budgets"),
+    "fact-head ranks": (context, "rank_by_fact_heads"),
+    "clustering": (cache_module, "compress_together"),
 }
 
 
@@ -58,8 +57,6 @@ def _timed(spent: dict, name: str, fn, only: dict):
             only["profiles"].append(prof)
         else:
             out = fn(*args, **kwargs)
-        if name == "fact-head ranks":  # returns the rerank step compress_all runs later: time that
-            out = _timed(spent, name, out, only)
         torch.cuda.synchronize()
         spent[name] += time.perf_counter() - start
         return out
@@ -77,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="operators to print (0: no profiled call)")
     parser.add_argument("--json", help="write the phase table here")
-    parser.add_argument("--set", action="append", help="other CompressionConfig settings (JSON values), e.g. "
+    parser.add_argument("--set", action="append", help="other settings of the method (JSON values), e.g. "
                         "'repeat_chunk=1024,surprise_weight=0'; repeat for several settings, each timed in turn (the profile and "
                         "--syncs take the last)")
     parser.add_argument("--plain", action="store_true", help="also time the plain prefill (SDPA, DynamicCache) and print each total over it")
@@ -91,19 +88,21 @@ def main() -> None:
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
     if args.batch_tokens:
-        chelsea.importance.score_by_reconstruction = functools.partial(chelsea.importance.score_by_reconstruction,
-                                                                       batch_tokens=args.batch_tokens)
+        context.score_by_reconstruction = functools.partial(context.score_by_reconstruction, batch_tokens=args.batch_tokens)
     spent: dict[str, float] = defaultdict(float)
     only = {"phase": args.phase, "on": False, "profiles": []}
     for name, (module, attr) in PHASES.items():
         setattr(module, attr, _timed(spent, name, getattr(module, attr), only))
 
     settings = [{k: json.loads(v) for k, v in (item.split("=", 1) for item in spec.split(",") if item)} for spec in args.set or [""]]
+    def method(knobs: dict):
+        return configure(args.method, {"importance": args.importance, "repeat_depth": args.repeat_depth, **knobs})
+
     for knobs in settings:
-        CompressionConfig(**knobs)
+        method(knobs)  # bad settings fail before anything runs
 
     def once(knobs: dict) -> float:
-        cache = make_cache(args.method, CompressionConfig(ratio=0.8, importance=args.importance, repeat_depth=args.repeat_depth, **knobs))
+        cache = make_cache(method(knobs), CompressionConfig(ratio=0.8))
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -159,7 +158,7 @@ def main() -> None:
 
 def plain_prefill(model, ids) -> float:
     """Seconds of the plain prefill of ``ids`` (SDPA attention into a ``DynamicCache``), as
-    ``benchmarks/prefill_cost.py --settings full`` times it."""
+    ``chelsea bench`` times the full cache's prefill."""
     use_method(model, "full")
     torch.cuda.synchronize()
     start = time.perf_counter()

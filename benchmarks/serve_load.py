@@ -16,10 +16,10 @@ every method and is left out). Both methods get the same ``--kv-budget-gib`` for
 sequences' caches, and ``--max-batch`` sequences at most. A preset name (``qwen2.5-0.5b``,
 ``llama3-8b``, ...) loads the architecture with random weights: right for speed and memory, never
 for accuracy; ``--tokenizer`` then names a tokenizer folder with a chat template (the
-reconstruction prompt of ``guided`` needs one).
+reconstruction prompt of ``chelsea`` needs one).
 
     python benchmarks/serve_load.py --model qwen2.5-0.5b --tokenizer TOKENIZER_DIR --context 32000 \
-        --clients 32 --kv-budget-gib 4 --methods full,guided --out results.json
+        --clients 32 --kv-budget-gib 4 --methods full,chelsea-paper,chelsea --out results.json
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import time
 
 import torch
 
-from chelsea.bench import load_with_tokenizer
-from chelsea.engine import Engine, Job
-from chelsea.prompts import find_haystack, haystack_text
+from chelsea.haystack import find_haystack, haystack_text
+from chelsea.models import load_with_tokenizer
+from chelsea.serving import Engine, Job
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-budget-gib", type=float, default=4.0)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--methods", default="full,guided")
+    parser.add_argument("--methods", default="full,chelsea-paper,chelsea")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--scenarios", default="shared,distinct")
     parser.add_argument("--out")

@@ -26,8 +26,8 @@ for cls, cfg in [(LlamaForCausalLM, LlamaConfig(**small)), (Qwen2ForCausalLM, Qw
     mask[1, :500] = 0
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=16, do_sample=False, pad_token_id=0)
-        got = model.generate(ids, attention_mask=mask, past_key_values=chelsea.ClusteredCache(ratio=0.0), max_new_tokens=16, do_sample=False, pad_token_id=0)
-        cache = chelsea.ClusteredCache(ratio=0.8)
+        got = model.generate(ids, attention_mask=mask, past_key_values=chelsea.ClusteredCache(method="chelsea-paper", ratio=0.0), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        cache = chelsea.ClusteredCache(method="chelsea-paper", ratio=0.8)
         model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64, do_sample=False, pad_token_id=0)
     same = (want == got).float().mean().item()
     print(cls.__name__, "ratio0 token agreement", same, "ratio0.8 stats", cache.stats())

@@ -1,4 +1,7 @@
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +9,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Calibrations (fact heads, learned scorers) go to a folder of this test session, never to the
+# user's own cache folder; command-line runs in subprocesses inherit it.
+_CACHE = tempfile.mkdtemp(prefix="chelsea-tests-")
+os.environ["CHELSEA_CACHE_DIR"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

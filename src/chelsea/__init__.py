@@ -1,23 +1,24 @@
 """chelsea: long-context LLM inference with a clustered KV cache for Hugging Face transformers.
 
-Similar keys and values are merged into weighted centroids (Chelsea's chunked soft matching)
-instead of being kept one per token or thrown away; attention weighs each centroid by the number of
-tokens it stands for.
+The important KV entries are kept exact and the rest are merged into count-weighted centroids
+instead of being thrown away; attention weighs each centroid by the number of tokens it stands for.
 
     import chelsea
-    model = chelsea.prepare_model(model)             # checks the model, selects "chelsea" attention
-    cache = chelsea.ClusteredCache(ratio=0.8)        # keep 20% of the KV cache
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    chelsea.prepare_model(model)                     # checks the model, selects "chelsea" attention
+    cache = chelsea.ClusteredCache(ratio=0.8)        # the default method, keep 20% of the KV cache
+    chelsea.compress_context(model, cache, context_ids, tokenizer)    # score and compress a document
+    out = model.generate(input_ids=full_ids, past_key_values=cache, max_new_tokens=32)
 """
 
 from .attention import ATTN_IMPLEMENTATION, register, weighted_attention
 from .cache import ClusteredCache, ClusteredLayer
-from .config import ClusterGenConfig, CompressionConfig
 from .errors import ChelseaError, MissingDependencyError, UnsupportedModelError
-from .methods.chelsea import chunked_soft_matching
-from .support import check_model_config
+from .methods import METHODS, Method, get_method, method_names, register as register_method
+from .models import check_model_config
+from .scoring import compress_context
+from .settings import CompressionConfig, Importance
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def prepare_model(model):
@@ -34,15 +35,20 @@ def prepare_model(model):
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "METHODS",
     "ChelseaError",
-    "ClusterGenConfig",
     "ClusteredCache",
     "ClusteredLayer",
     "CompressionConfig",
+    "Importance",
+    "Method",
     "MissingDependencyError",
     "UnsupportedModelError",
-    "chunked_soft_matching",
+    "compress_context",
+    "get_method",
+    "method_names",
     "prepare_model",
     "register",
+    "register_method",
     "weighted_attention",
 ]

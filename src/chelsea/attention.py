@@ -94,7 +94,7 @@ def causal_attention_with_normaliser(
     flash kernel, which computes the log-sum-exp anyway; ``None`` where that kernel does not take
     the tensors (CPU, float32, a head size it lacks, flash attention switched off).
 
-    The context-reconstruction scores (:mod:`chelsea.importance`) need exactly this normaliser:
+    The context-reconstruction scores (:mod:`chelsea.scoring.reconstruction`) need exactly this normaliser:
     taking it here saves a second pass over the keys."""
     q_len, n, dim = query.shape[2], key.shape[2], query.shape[-1]
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
@@ -158,7 +158,7 @@ def chelsea_attention_forward(
     layer = getattr(key, "_chelsea_layer", None)
     if layer is not None:
         new_valid = None if attention_mask is None else attention_mask[:, -q_len:].to(key.device)
-        out = layer.attend(query, key, value, new_valid, scaling)
+        out = layer.attend(query, key, value, new_valid, scaling, module)
     else:
         log_counts = None
         if attention_mask is not None:

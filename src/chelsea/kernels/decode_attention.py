@@ -143,7 +143,7 @@ def run_kernel(
     scale = dim**-0.5 if scale is None else scale
     if block_n is None:
         # Tiles of 64 keys and values of bf16 x 128, two pipeline stages: small enough in shared
-        # memory for several programs per SM (results/issue5: timed in a CUDA graph over 32 layers).
+        # memory for several programs per SM (results/archive/issue5: timed in a CUDA graph over 32 layers).
         row_bytes = max(dim, dim_v) * query.element_size()
         block_n = 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16
     # Rows ordered (group member, new token) so that row r's token is r % q_len.

@@ -4,7 +4,7 @@ Given queries ``[batch, heads, m, d]`` and keys ``[batch, kv_heads, old + m, d]`
 every query sees, then the queries' own entries, seen causally) and a per-key bias, the score of
 each of the ``old`` keys is ``max`` over the queries and over the query heads reading its KV head
 of ``softmax(q . k * scale + bias)``. Written out in PyTorch that is several passes over a float32
-logits tensor per block of queries (``chelsea.importance._largest_attention_torch``, the CPU path);
+logits tensor per block of queries (``chelsea.scoring.reconstruction._largest_attention_torch``, the CPU path);
 here the logits stay in registers:
 
 1. :func:`_normaliser_kernel`, one program per (row, query head, block of queries): the online

@@ -1,214 +1,205 @@
-"""Chelsea: chunked soft matching of the KV cache (arXiv 2506.11418, later called CentroidKV).
+"""``chelsea``, the default: importance-guided clustering. Keep the important entries exact, merge (not drop) the rest.
 
-Plain tensor functions, no model inside. Inputs are one layer's keys and values shaped
-``[batch, kv_heads, seq, head_dim]`` and the per-entry log-counts ``[batch, kv_heads, seq]``
-(``log(number of original tokens an entry stands for)``; 0 for a raw token). Every KV head of every
-batch row is clustered on its own, so grouped-query models need nothing special and nothing is
-ever merged across rows or heads.
+Chelsea's merging alone averages a code's digits with their neighbours at high compression;
+eviction by a good importance score (KVzip's reconstruction attention) keeps them but throws the
+rest of the text away. This method does both, per layer, on scores from
+:mod:`chelsea.scoring`:
 
-One merge step, per (row, head):
+1. Sinks and the recent window are kept as they are. In the region between them every
+   (row, KV head) keeps its ``seq - n_remove`` best-scored entries (the layer stays one dense
+   tensor; layers get uneven budgets from the cache, see :mod:`chelsea.scoring.budgets`).
+2. Among the kept entries, the best ``exact_share`` of the layer, ranked over all its KV heads
+   together (so heads get uneven exact budgets, as in AdaKV), are *exact*: never merged into, never
+   merged away, returned bit for bit.
+3. The other kept entries are *representatives*. Every entry that is not kept joins the
+   representative whose key is most cosine-similar, within the same block of ``neighbourhood``
+   consecutive region entries (similar keys are near each other: Chelsea's observation). The
+   representative becomes the count-weighted centroid of its members (``merge="centroid"``) or
+   keeps its own key and averages only the values (``merge="values"``); its log-count becomes the
+   log of all the tokens it stands for, so attention weighs it like its members together.
+   An entry whose best similarity is below ``min_similarity``, or whose block has no
+   representative, is dropped, as eviction would.
 
-1. The first ``sink_tokens`` entries and the last ``window`` entries are protected; the rest is the
-   region.
-2. The region is cut into chunks of ``chunk_size`` consecutive entries. Inside a chunk, entries at
-   odd offsets form set A and entries at even offsets form set B (the alternating split that the
-   paper shows is optimal when key similarity decreases convexly with distance).
-3. Every A entry finds its most cosine-similar B entry in the same chunk.
-4. The ``r`` most similar A->B edges of the whole region are kept. Each B entry and the A entries
-   that point at it become one centroid: keys and values averaged with weights equal to the
-   counts, log-count = log(sum of counts). The merged A entries are removed; the centroid sits at
-   B's place, so the sequence order of what remains is preserved.
-
-A step removes at most all of A, so at most about half the region. :func:`chunked_soft_matching`
-lets one step merge at most ``step_fraction`` of A (0.5 by default) and repeats steps on the
-shrunk sequence until the requested number of entries is gone or nothing is left to merge. On
-SmolLM2-135M with a pass key in 1.9K tokens of filler, one all-of-A step lost the key at ratio 0.5
-(0 of 8 prompts; neighbouring digits get averaged) while half-steps kept it (8 of 8 at 0.5 and 0.8).
-
-Choices the paper leaves open, made here:
-- A trailing partial chunk is used as it is (its own A/B split); it is not dropped or padded in.
-- Similarity and centroids are computed in float32 (float64 when the input is float64) and cast
-  back, so bf16 caches do not lose precision by repeated averaging.
-- Ties between equally similar edges are broken by ``torch.topk`` (deterministic on one device).
+A merged entry keeps its representative's score (the highest of its members: everything not
+kept scored lower). Tokens decoded later arrive with score 0: once they leave the window they are
+the first to be merged into a similar representative, never into an exact entry. While decoding,
+only the last ``decode_span`` entries before the window are re-clustered (where the new tokens
+are), so a clustering costs the same at any context length.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import soft_matching as soft_matching_kernels
-from ._eviction import region_bounds
+from ..settings import Importance, setting
+from .base import Method, compute_dtype, region_bounds, register
+
+MERGE_MODES = ("centroid", "values")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _best(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``counts[b]`` highest ``scores`` along the last dimension of each row ``b``
+    (``scores`` ``[B, ..., n]``, ``counts`` ``[B]`` on the same device); ties go to the earlier entry."""
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < counts.view(-1, *([1] * (scores.dim() - 1)))
 
 
-def max_removable(region_len: int, chunk_size: int) -> int:
-    """Entries one merge step can remove from a region of ``region_len``: the size of set A."""
-    full, rest = divmod(region_len, chunk_size)
-    return full * (chunk_size // 2) + rest // 2
+def _on(device: torch.device, numbers: list[int]) -> torch.Tensor:
+    """``numbers`` as a long tensor on ``device``, copied without waiting for the device's queue."""
+    host = torch.tensor(numbers, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
-def _best_edges(keys: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every A entry's best cosine similarity to a B entry of its chunk and that B entry's position,
-    ``[batch, heads, A entries]`` in sequence order; a trailing partial chunk has its own A/B split."""
-    batch, heads, length, _ = keys.shape
-    unit = keys.to(_compute_dtype(keys.dtype), copy=True)
-    unit /= torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(1e-12)
-    sims, b_pos = [], []
-    body = length // chunk_size * chunk_size
-    for start, end, size in ((0, body, chunk_size), (body, length, length - body)):
-        if end - start < 2:
-            continue
-        chunks = unit[:, :, start:end].unflatten(2, ((end - start) // size, size))
-        sim = chunks[..., 1::2, :] @ chunks[..., 0::2, :].transpose(-1, -2)  # [batch, heads, chunks, |A|, |B|]
-        best_sim, best_b = sim.max(dim=-1)
-        first = torch.arange(start, end, size, device=keys.device)[:, None]
-        sims.append(best_sim.flatten(2))
-        b_pos.append((first + 2 * best_b).flatten(2))
-    if not sims:
-        return unit.new_empty(batch, heads, 0), torch.zeros(batch, heads, 0, dtype=torch.long, device=keys.device)
-    return torch.cat(sims, -1), torch.cat(b_pos, -1)
+def _nearest_representative(keys: torch.Tensor, reps: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every entry, the most similar representative of its block and that similarity
+    (``-inf`` where the block has none). ``keys`` ``[B, H, n, d]``, ``reps`` ``[B, H, n]`` bool."""
+    batch, heads, n, dim = keys.shape
+    pad = (-n) % block
+    unit = keys.float()
+    unit = unit / torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min(1e-12)
+    if pad:
+        unit = torch.cat([unit, unit.new_zeros(batch, heads, pad, dim)], 2)
+        reps = torch.cat([reps, reps.new_zeros(batch, heads, pad)], 2)
+    blocks = (n + pad) // block
+    unit = unit.view(batch, heads, blocks, block, dim)
+    sims = unit @ unit.transpose(-1, -2)  # [B, H, blocks, block, block]
+    sims = sims.masked_fill(~reps.view(batch, heads, blocks, 1, block), float("-inf"))
+    best, where = sims.max(-1)
+    start = torch.arange(0, n + pad, block, device=keys.device).view(1, 1, blocks, 1)
+    return best.flatten(2)[..., :n], (where + start).flatten(2)[..., :n]
 
 
-def _a_positions(length: int, chunk_size: int, device: torch.device) -> torch.Tensor:
-    """Positions of the A entries (odd offsets in each chunk, a trailing partial chunk included)
-    in sequence order."""
-    a = torch.arange(max_removable(length, chunk_size), device=device)
-    return a // (chunk_size // 2) * chunk_size + a % (chunk_size // 2) * 2 + 1
-
-
-def _merge_edges(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    log_counts: torch.Tensor,
-    src: torch.Tensor,
-    dst: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge every A entry ``src`` ``[batch, heads, r]`` into its B entry ``dst``: each B entry and
-    the A entries pointing at it become one count-weighted centroid at B's place. Returns the
-    ``length - r`` entries left, in order."""
-    batch, heads, length, _ = keys.shape
-    work = _compute_dtype(keys.dtype)
-    device = keys.device
-    # Group the edges by their B entry (one centroid per B): number the B entries that receive
-    # edges in sequence order. A cumulative sum over the region, no sort, no host sync.
-    is_dst = torch.zeros(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, dst, True)
-    group = (is_dst.long().cumsum(-1) - 1).gather(-1, dst)
-
-    weight = log_counts.to(work).exp()
-    w_src, w_dst = weight.gather(-1, src), weight.gather(-1, dst)
-    total = torch.zeros_like(w_src).scatter_add_(-1, group, w_src)
-    total = total.gather(-1, group) + w_dst  # per edge: its centroid's count
-
-    def centroids(x: torch.Tensor) -> torch.Tensor:
-        """The merged rows, one per edge (edges into one B entry get the same row)."""
-        gather = lambda pos: x.gather(2, pos[..., None].expand(-1, -1, -1, x.shape[-1])).to(work)  # noqa: E731
-        idx = group[..., None].expand(-1, -1, -1, x.shape[-1])
-        acc = torch.zeros(*group.shape, x.shape[-1], dtype=work, device=device)
-        acc.scatter_add_(2, idx, gather(src) * w_src[..., None])
-        return (acc.gather(2, idx) + gather(dst) * w_dst[..., None]) / total[..., None]
-
-    new_keys, new_values = centroids(keys), centroids(values)
-
-    # Kept entries in order (each to its rank among the kept; removed ones to a spill slot);
-    # the centroids then overwrite their B entries' new places.
-    keep = torch.ones(batch, heads, length, dtype=torch.bool, device=device).scatter_(-1, src, False)
-    rank = keep.long().cumsum(-1) - 1
-    out_len = length - src.shape[-1]
-    kept = torch.empty(batch, heads, out_len + 1, dtype=torch.long, device=device)
-    kept.scatter_(-1, torch.where(keep, rank, out_len), torch.arange(length, device=device).expand(batch, heads, -1))
-    kept = kept[..., :out_len]
-    new_place = rank.gather(-1, dst)
-
-    def compact(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return x.gather(-1, kept).scatter_(-1, new_place, rows.to(x.dtype))
-        out = x.gather(2, kept[..., None].expand(-1, -1, -1, x.shape[-1]))
-        return out.scatter_(2, new_place[..., None].expand(-1, -1, -1, x.shape[-1]), rows.to(x.dtype))
-
-    return compact(keys, new_keys), compact(values, new_values), compact(log_counts, total.log())
-
-
-def soft_matching_step(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    log_counts: torch.Tensor,
-    n_remove: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge ``n_remove`` entries out of a whole region (no protected tokens) in one step.
-
-    ``n_remove`` must be at most :func:`max_removable` of the region length. Returns the region
-    with ``seq - n_remove`` entries, in the original order.
-
-    No sort and no host sync. On CUDA the chunk-local parts (best edges, centroids and compaction)
-    run as Triton kernels (:mod:`chelsea.kernels.soft_matching`); elsewhere as PyTorch ops:
-    one float32 pass over the keys for the similarities, small tensors for the ``n_remove``
-    merges, one gather of the kept entries.
-    """
-    length = keys.shape[2]
-    if n_remove <= 0:
-        return keys, values, log_counts
-    if n_remove > max_removable(length, chunk_size):
-        raise ValueError(f"one step cannot remove {n_remove} of {length} entries with chunks of {chunk_size}")
-    on_gpu = soft_matching_kernels.kernel_applies(keys, values, log_counts, chunk_size)
-    sims, b_pos = (soft_matching_kernels.best_edges if on_gpu else _best_edges)(keys, chunk_size)
-    chosen = sims.topk(n_remove, dim=-1, sorted=False).indices  # [batch, heads, r]
-    if on_gpu:
-        return soft_matching_kernels.merge_chosen(keys, values, log_counts, b_pos, chosen, chunk_size)
-    src = _a_positions(length, chunk_size, keys.device)[chosen]  # A entries that disappear
-    dst = torch.gather(b_pos, -1, chosen)  # the B entries they join
-    return _merge_edges(keys, values, log_counts, src, dst)
-
-
-def chunked_soft_matching(
+def merge_by_importance(
     keys: torch.Tensor,
     values: torch.Tensor,
     log_counts: torch.Tensor,
     n_remove: int,
     *,
-    chunk_size: int = 32,
+    scores: torch.Tensor,
     sink_tokens: int = 4,
     window: int = 64,
-    step_fraction: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Remove up to ``n_remove`` entries per (row, head) by repeated soft-matching steps.
+    exact_share: float = 0.5,
+    min_similarity: float = 0.0,
+    neighbourhood: int = 128,
+    merge: str = "centroid",
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remove ``n_remove`` entries per (row, head) between sinks and window, merging them into
+    similar representatives. Returns ``(keys, values, log_counts, scores)`` of what is kept.
 
-    A step merges at most ``step_fraction`` of set A (the most similar edges), then matches again
-    on the shrunk sequence; smaller fractions spend more steps and leave dissimilar entries alone.
+    ``n_remove`` may be a list, one number per batch row: row ``b`` then holds its entries in the
+    first ``length - n_remove[b]`` slots (removals beyond the region are not made), and the slots
+    after them, up to the longest row, are padding with log-count ``-inf``.
 
-    Sinks (the first ``sink_tokens``) and the recent ``window`` entries are returned bit-identical.
-    Fewer than ``n_remove`` entries are removed only when the region between them has shrunk to a
-    single entry. Every row and head loses the same number of entries, so the result stays one
-    rectangular tensor ``[batch, kv_heads, seq - removed, head_dim]``.
+    ``exact_share`` 1.0 is pure eviction by the scores (no representatives); 0.0 merges into every
+    kept entry.
     """
-    if keys.dim() != 4 or values.dim() != 4 or log_counts.dim() != 3:
-        raise ValueError("keys/values must be [batch, kv_heads, seq, head_dim] and log_counts [batch, kv_heads, seq]")
-    if keys.shape[:3] != values.shape[:3] or keys.shape[:3] != log_counts.shape:
-        raise ValueError(
-            f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and log_counts {tuple(log_counts.shape)} disagree"
-        )
-    if chunk_size < 2:
-        raise ValueError(f"chunk_size must be at least 2, got {chunk_size}")
-    if sink_tokens < 0 or window < 0:
-        raise ValueError(f"sink_tokens and window must be >= 0, got {sink_tokens} and {window}")
-    length = keys.shape[2]
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}; got {merge!r}")
+    if not 0.0 <= exact_share <= 1.0:
+        raise ValueError(f"exact_share must be in [0, 1]; got {exact_share}")
+    batch, heads, length = keys.shape[:3]
     start, end = region_bounds(length, sink_tokens, window)
-    region = [t[:, :, start:end] for t in (keys, values, log_counts)]
-    remaining = max(0, int(n_remove))
-    while remaining > 0:
-        step = min(remaining, math.ceil(step_fraction * max_removable(region[0].shape[2], chunk_size)))
-        if step == 0:
-            break
-        region = list(soft_matching_step(*region, step, chunk_size))
-        remaining -= step
-    if region[0].shape[2] == end - start:
-        return keys, values, log_counts
-    return tuple(torch.cat([t[:, :, :start], r, t[:, :, end:]], dim=2) for t, r in zip((keys, values, log_counts), region))
+    size = end - start
+    removed = [min(max(0, int(n)), size) for n in (n_remove if isinstance(n_remove, (list, tuple)) else [n_remove] * batch)]
+    if len(removed) != batch:
+        raise ValueError(f"n_remove has {len(removed)} entries for {batch} rows")
+    if max(removed) == 0:
+        return keys, values, log_counts, scores
+    keep_n = [size - n for n in removed]
+    kept, exact = _choose(scores[:, :, start:end], keep_n, exact_share)
+    new_keys, new_values, new_counts = _merge_into_representatives(
+        *(t[:, :, start:end] for t in (keys, values, log_counts)), kept, kept & ~exact, neighbourhood, min_similarity, merge)
+    whole = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
+    whole[:, :, start:end] = kept
+
+    def inside(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:  # the region's new entries between sinks and window
+        return torch.cat([full[:, :, :start], part, full[:, :, end:]], dim=2)
+
+    return _compact((inside(keys, new_keys), inside(values, new_values), inside(log_counts, new_counts), scores), whole,
+                    length - min(removed))
 
 
-chunked_soft_matching.local_decode = True  # decoding re-clusters only the recent span (CompressionConfig.decode_span)
+def _choose(region: torch.Tensor, keep_n: list[int], exact_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, exact)`` masks over the region scores ``[B, H, n]``: each (row, head) keeps its
+    ``keep_n[row]`` best; the best ``exact_share`` of a row's kept entries, ranked over all heads
+    together (uneven per head, as in AdaKV), are exact."""
+    heads, device = region.shape[1], region.device
+    kept = _best(region, _on(device, keep_n))
+    exact_n = _on(device, [int(round(exact_share * k * heads)) for k in keep_n])
+    exact = _best(region.masked_fill(~kept, float("-inf")).flatten(1), exact_n).view_as(kept) & kept
+    return kept, exact
+
+
+def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourhood: int, min_similarity: float, merge: str):
+    """The region's ``(keys, values, log_counts)`` after every entry that is not ``kept`` joined its
+    most similar representative (``reps``) of its block, or was dropped (too dissimilar, or no
+    representative): a representative that took members becomes their count-weighted centroid
+    (``merge="values"``: only its value does) and stands for all their tokens."""
+    work = compute_dtype(keys.dtype)
+    best, target = _nearest_representative(keys, reps, neighbourhood)
+    joins = ~kept & (best >= min_similarity) & log_counts.isfinite()
+    # Each entry adds its weight to itself (kept) or to its representative (merged); dropped: nowhere.
+    dest = torch.where(kept, torch.arange(keys.shape[2], device=keys.device).expand_as(target), target)
+    weight = torch.where(kept | joins, log_counts.to(work).exp(), torch.zeros((), dtype=work, device=keys.device))
+    total = torch.zeros_like(weight).scatter_add_(-1, dest, weight)
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros(x.shape, dtype=work, device=x.device)
+        acc.scatter_add_(2, dest[..., None].expand_as(x), x.to(work) * weight[..., None])
+        return acc / total.clamp_min(1e-30)[..., None]
+
+    merged = reps & (total > weight)  # representatives that took members
+    new_values = torch.where(merged[..., None], pooled(values).to(values.dtype), values)
+    new_keys = torch.where(merged[..., None], pooled(keys).to(keys.dtype), keys) if merge == "centroid" else keys
+    return new_keys, new_values, torch.where(merged, total.log().to(log_counts.dtype), log_counts)
+
+
+def _compact(tensors: tuple[torch.Tensor, ...], keep: torch.Tensor, out_len: int) -> tuple[torch.Tensor, ...]:
+    """The entries of each tensor ``[B, H, n, ...]`` where ``keep`` ``[B, H, n]``, moved to the
+    front in sequence order, ``out_len`` slots; a (row, head) that keeps fewer is padded at the end
+    (log-count ``-inf``, the third tensor; zeros elsewhere)."""
+    slot = torch.where(keep, keep.long().cumsum(-1) - 1, out_len)
+
+    def move(i: int, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_full((*x.shape[:2], out_len + 1, *x.shape[3:]), float("-inf") if i == 2 else 0)
+        return out.scatter_(2, slot if x.dim() == 3 else slot[..., None].expand_as(x), x)[:, :, :out_len]
+
+    return tuple(move(i, x) for i, x in enumerate(tensors))
+
+
+
+@register
+@dataclass(frozen=True)
+class Chelsea(Method):
+    """Importance-guided clustering: the important entries exact, the rest merged into similar kept ones."""
+
+    name = "chelsea"
+    summary = "importance-guided clustering (the default): important entries kept exact, the rest merged into similar representatives"
+    paper = "ours, after Chelsea (arXiv 2506.11418) and KVzip (arXiv 2505.23416)"
+    scores = "importance"
+    local_decode = True
+    rowwise_remove = True
+
+    exact_share: float = setting(0.5, "share of the kept entries, ranked over the layer's KV heads, kept exact; the rest "
+                                      "absorb what is not kept (1.0: eviction)", low=0.0, high=1.0)
+    merge: str = setting("centroid", "a representative becomes the count-weighted 'centroid' of its members, or keeps its key "
+                                     "and averages the 'values'", choices=MERGE_MODES)
+    min_similarity: float = setting(0.0, "entries less cosine-similar than this to every representative are dropped, not merged",
+                                    low=-1.0, high=1.0)
+    neighbourhood: int = setting(128, "entries look for a representative within blocks of this many region entries", low=2)
+    decode_span: int | None = setting(256, "while decoding, compress only the last N entries before the window, so the work "
+                                           "per compression does not grow with the context", kind=int, low=2,
+                                      none="the whole cache")
+    scoring: Importance = field(default_factory=Importance)
+
+    def compress(self, keys, values, log_counts, n_remove, *, sink_tokens, window, scores=None):
+        return merge_by_importance(keys, values, log_counts, n_remove, scores=scores, sink_tokens=sink_tokens, window=window,
+                            exact_share=self.exact_share, min_similarity=self.min_similarity,
+                            neighbourhood=self.neighbourhood, merge=self.merge)

@@ -1,13 +1,24 @@
-"""StreamingLLM (Xiao et al., 2023): keep the attention sinks and the most recent tokens, evict the oldest."""
+"""``streaming``, StreamingLLM (Xiao et al., 2023): keep the attention sinks and the most recent tokens, evict the oldest."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ._eviction import evict_lowest
+from .base import Method, register
+from .eviction import evict_lowest
 
 
-def streaming_evict(keys, values, log_counts, n_remove: int, *, sink_tokens: int = 4, window: int = 64, **_):
-    """Evict the ``n_remove`` oldest entries after the sinks. Same signature as the other methods."""
-    age = torch.arange(keys.shape[2], device=keys.device, dtype=torch.float32).expand(log_counts.shape)
-    return evict_lowest(keys, values, log_counts, age, n_remove, sink_tokens, window)
+@register
+@dataclass(frozen=True)
+class Streaming(Method):
+    """Sinks and a recent window; the oldest entries go first."""
+
+    name = "streaming"
+    summary = "attention sinks and the most recent tokens, the oldest evicted (StreamingLLM)"
+    paper = "StreamingLLM, arXiv 2309.17453"
+
+    def compress(self, keys, values, log_counts, n_remove, *, sink_tokens, window, scores=None):
+        age = torch.arange(keys.shape[2], device=keys.device, dtype=torch.float32).expand(log_counts.shape)
+        return evict_lowest(keys, values, log_counts, age, n_remove, sink_tokens, window)

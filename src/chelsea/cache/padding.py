@@ -1,0 +1,135 @@
+"""Padded rows: prompts of different lengths in one batch, rows joined from different caches.
+
+Padding is stored as entries of log-count ``-inf`` (never attended, never merged) and counted per
+row in ``row_padding`` (padding tokens seen). Padded rows are compressed row by row, each over its
+own real entries, so a row's result equals what it would get alone; the rows are then written
+back right-aligned (left padding), and padding that every row shares is freed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .storage import left_padded
+
+
+class Padding:
+    """Mixin of :class:`chelsea.cache.ClusteredLayer`: mark, count and compress around padding."""
+
+    def _left_pad(self, pad: int) -> None:
+        """Put ``pad`` padding entries (log-count ``-inf``) before every row's stored entries."""
+        self._reallocate(max(self.capacity, self.length + pad), left_padded(self._entries(), self._buffers, pad))
+        self.length += pad
+        if self.row_padding is None:
+            self.row_padding = torch.zeros(self._key_buf.shape[0], dtype=torch.long, device=self.device)
+
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """Give padding among the newest tokens log-count ``-inf``: never attended, never merged."""
+        if bool(new_valid.all()):
+            return
+        tail = self.log_counts[:, :, -new_valid.shape[1] :]
+        pad = ~new_valid.to(tail.device)
+        tail.masked_fill_(pad[:, None, :], float("-inf"))
+        padding = pad.sum(-1)
+        self.row_padding = padding if self.row_padding is None else self.row_padding + padding
+
+    @property
+    def has_padding(self) -> bool:
+        return self.row_padding is not None
+
+    def attention_log_counts(self) -> torch.Tensor | None:
+        """The bias for attention, or ``None`` while every stored entry is one real token."""
+        return self.log_counts if (self.has_padding or self.has_merged) else None
+
+    def tokens_per_row(self) -> list[int]:
+        """Real tokens seen by each batch row: tokens seen minus the row's padding.
+
+        Not the sum of counts: eviction methods drop entries together with their counts.
+        """
+        if self.row_padding is None:
+            return [self.seen] * self.keys.shape[0]
+        return [self.seen - int(p) for p in self.row_padding.tolist()]
+
+    def _row_stats(self) -> torch.Tensor:
+        """Per batch row, on the layer's device: real entries stored, whether they are contiguous
+        (padding only before them, as joins and clusterings leave rows) and padding tokens seen."""
+        valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
+        contiguous = (valid[:, 1:] >= valid[:, :-1]).all(-1) if self.length > 1 else valid.new_ones(valid.shape[0])
+        padding = self.row_padding.to(valid.device) if self.row_padding is not None else torch.zeros_like(contiguous, dtype=torch.long)
+        return torch.stack([valid.sum(-1), contiguous.long(), padding])
+
+    def _due_rows(self, stats: list[list[int]] | None = None) -> list[tuple[int, torch.Tensor, int, int]]:
+        """Padded rows to cluster now, each as (row, indices of its real entries, entries to
+        remove, local start as :meth:`_local_start` gives it for the row's real entries).
+
+        ``stats`` is :meth:`_row_stats` read to the host (one read for many layers); joined rows
+        (:meth:`append_rows`) are due only when their own schedule says so."""
+        stored, contiguous, padding = stats if stats is not None else self._row_stats().tolist()
+        tokens = [self.seen - p for p in padding]
+        to_remove = [n - self.budget(t, b) for b, (n, t) in enumerate(zip(stored, tokens))]
+        if self.row_since is not None:
+            due = (self.row_since >= self.every) | (self.new_tokens > 1)
+            to_remove = [n if d else 0 for n, d in zip(to_remove, due.tolist())]
+            self.row_since[due] = 0
+        jobs = []
+        for b, n_remove in enumerate(to_remove):
+            if n_remove > 0:
+                if contiguous[b]:  # the row's real entries are its last ``stored`` slots: no search
+                    idx = torch.arange(self.length - stored[b], self.length, device=self.device)
+                else:
+                    idx = (self.log_counts[b, 0] > float("-inf")).nonzero().squeeze(-1)
+                jobs.append((b, idx, n_remove, self._local_start(stored[b])))
+        return jobs
+
+    def _row(self, b: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[b : b + 1].index_select(2, idx) for t in self._entries())
+
+    def _write_row(self, b: int, row: tuple[torch.Tensor, ...]) -> None:
+        """Rewrite row ``b`` with ``row`` (no longer than the stored length), right-aligned."""
+        for name, t in zip(self._buffers, left_padded(row, self._buffers, self.length - row[0].shape[2])):
+            getattr(self, name)[b : b + 1, :, : self.length] = t
+
+    def _compress_padded(self) -> None:
+        """Pinned rows with padding: cluster each due row's real entries alone, then rebuild the
+        rows left-padded to one length in the same buffers (unpinned layers batch their rows
+        through :func:`compress_together`)."""
+        jobs = {b: (idx, n_remove, start) for b, idx, n_remove, start in self._due_rows()}
+        if not jobs:
+            self._record(0)
+            return
+        valid = self.log_counts[:, 0] > float("-inf")
+        rows, removed = [], 0
+        for b in range(self.keys.shape[0]):
+            idx = jobs[b][0] if b in jobs else valid[b].nonzero().squeeze(-1)
+            row = self._row(b, idx)
+            if b in jobs:
+                _, n_remove, start = jobs[b]
+                out = self._run(tuple(t[:, :, start:] for t in row), n_remove, sinks=0 if start else None)
+                row = tuple(torch.cat([t[:, :, :start], o], dim=2) for t, o in zip(row, out))
+                removed = max(removed, idx.numel() - row[0].shape[2])
+            rows.append(row)
+        length = max(r[0].shape[2] for r in rows)
+        rows = [left_padded(r, self._buffers, length - r[0].shape[2]) for r in rows]
+        self._store(*(torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))))
+        self._record(removed)
+
+    def _drop_leading_padding(self, at_most: int | None = None) -> None:
+        """Free the leading entries that are padding in every row (the buffers shrink to fit).
+
+        ``at_most`` bounds how many there can be (the caller knows each row's length); below 64
+        nothing is looked at: a few shared padding slots are cheaper to keep than a read back
+        from the device and a copy of the whole layer after every clustering."""
+        if self.length == 0 or self.keys.shape[0] == 0:
+            return
+        if at_most is not None and at_most < 64:
+            return
+        real = (self.log_counts > float("-inf")).any(1).any(0)  # [entries]: some row stores a real entry
+        first = int(real.float().argmax()) if bool(real.any()) else self.length
+        if first:
+            for name in self._buffers:  # one buffer at a time, the old one freed before the next
+                old = getattr(self, name)
+                buf = old.new_empty((*old.shape[:2], self.length - first + 64, *old.shape[3:]))
+                buf[:, :, : self.length - first] = old[:, :, first : self.length]
+                del old
+                setattr(self, name, buf)
+            self.length -= first

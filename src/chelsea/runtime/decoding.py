@@ -1,0 +1,155 @@
+"""Greedy decoding with the cache pinned in place, replayed from a CUDA graph on the GPU.
+
+One decoding step of an 8B model launches hundreds of small kernels from Python; at small batches
+that host work, not reading weights and cache, sets the speed. :class:`GraphDecoder` records one
+step into a CUDA graph and replays it. For that the step must not depend on anything the host
+changes between steps, so the cache layers are *pinned* (:meth:`chelsea.cache.ClusteredLayer.pin`):
+
+- every layer's buffers are fixed at ``length + headroom`` entries; entries past the filled part
+  carry log-count ``-inf``, and attention runs over the whole buffer;
+- the write position of each layer and the token position live in one device tensor, ``state``,
+  which the recorded step itself advances by one;
+- after each replay the host updates its own counters (``advance``) and, every
+  ``compress_every`` tokens, clusters the layers eagerly, in place, outside the graph, all due
+  layers in one batch where their shapes agree (:func:`chelsea.cache.compress_together`).
+
+When a layer fills its headroom the buffers are re-pinned larger and the step recorded again.
+With ``cuda_graph=False`` (always on the CPU) the same pinned step runs eagerly, which is how the
+CPU tests check the pinned path against ordinary decoding.
+
+What remains of a replayed step is mostly the weights' matrix products, the attention kernel and
+many tiny element-wise kernels; :func:`fuse_layers` compiles the decoder layers so the latter fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import ClusteredCache, ClusteredLayer, compress_together
+from ..compat import cache_arg
+from ..errors import ChelseaError
+
+
+def fuse_layers(model) -> int:
+    """Compile each decoder layer of ``model`` with ``torch.compile``; returns how many.
+
+    A decoding step at small batch is mostly tiny element-wise kernels around the matrix products:
+    RMS norms, rotary embeddings, the MLP's activation, residual additions, each a launch and a
+    round trip through memory. Compiled, they fuse into a few kernels per layer. The cache update
+    and the "chelsea" attention stay outside the compiled graphs (they cluster on the host), so
+    the layer is compiled in pieces around them.
+
+    Every new input shape compiles once (seconds); a step replayed from a CUDA graph
+    (:class:`GraphDecoder`) then runs the fused kernels. To keep a prefill eager, run it under
+    ``torch.compiler.set_stance("force_eager")``.
+    """
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ChelseaError(f"{type(model).__name__} has no list of decoder layers to compile")
+    # Each layer's attention passes its own layer index to the cache, so every layer can need
+    # its own graphs; the default limit (8 per function) would leave the rest eager.
+    limit = 4 * len(layers) + 8
+    settings = torch._dynamo.config
+    for names, value in ((("recompile_limit", "cache_size_limit"), limit),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * limit)):
+        name = next(n for n in names if hasattr(settings, n))  # renamed in PyTorch 2.6
+        setattr(settings, name, max(getattr(settings, name), value))
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+class GraphDecoder:
+    """Greedy decoding of a batch after its prefill, one token per call of :meth:`step`.
+
+    Args:
+        model: a causal LM prepared with :func:`chelsea.prepare_model` (``"chelsea"`` attention).
+        cache: the :class:`ClusteredCache` the prefill filled; ``ClusteredCache(ratio=0.0)`` is a
+            full cache in the same buffers.
+        token: ``[batch, 1]`` (or ``[batch]``) the first new token, chosen from the prefill's logits.
+        cuda_graph: record and replay the step (default: on CUDA devices).
+        headroom: free entries per layer when pinning; a re-pin and a new recording follow once
+            a layer fills them.
+        warmup: eager steps before recording (Triton compiles, cuBLAS picks its kernels there).
+    """
+
+    def __init__(self, model, cache: ClusteredCache, token: torch.Tensor, *, cuda_graph: bool | None = None,
+                 headroom: int = 256, warmup: int = 2):
+        if not isinstance(cache, ClusteredCache) or not all(isinstance(layer, ClusteredLayer) for layer in cache.layers):
+            raise ChelseaError("GraphDecoder needs a ClusteredCache whose method keeps its entries in clustered layers (not clustergen)")
+        self.layers = list(cache.layers)
+        if not self.layers or not all(layer.is_initialized for layer in self.layers):
+            raise ChelseaError("run the prefill through the cache before decoding with GraphDecoder")
+        if headroom < 1:
+            raise ChelseaError(f"headroom must be at least 1 entry; got {headroom}")
+        self.model, self.cache = model, cache
+        self.device = token.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ChelseaError("cuda_graph=True needs the model on a CUDA device")
+        self.headroom, self.warmup = headroom, warmup
+        self.token = token.reshape(-1, 1).clone()
+        self.state = torch.zeros(1 + len(self.layers), dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # [batch, 1, vocab] of the latest step
+        self.recordings = 0
+        self._pin()
+
+    def _pin(self) -> None:
+        self.graph, self._warm = None, 0
+        for i, layer in enumerate(self.layers):
+            layer.pin(layer.length + self.headroom, self.state[1 + i : 2 + i])
+        self.state[:1].fill_(self.layers[0].seen)
+
+    def _body(self) -> None:
+        """One step, all on the device: forward at position ``state[0]``, argmax, advance ``state``."""
+        with torch.no_grad():
+            self.logits = self.model(
+                self.token, position_ids=self.state[:1].view(1, 1), **cache_arg(self.model, self.cache), use_cache=True, logits_to_keep=1
+            ).logits
+            self.token.copy_(self.logits[:, -1:].argmax(-1))
+            self.state.add_(1)
+
+    def step(self) -> torch.Tensor:
+        """Decode one token for every row; returns the ``[batch, 1]`` token tensor (reused by the
+        next step: clone it to keep it)."""
+        if any(layer.length >= layer.capacity for layer in self.layers):
+            self._pin()
+        if not self.cuda_graph:
+            self._body()
+        elif self.graph is None and self._warm < self.warmup:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._warm += 1
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._body()
+                self.recordings += 1
+            self.graph.replay()
+        due = []
+        for layer in self.layers:
+            layer.advance(1)
+            if layer.compression_due:
+                due.append((layer, layer.length))
+        if due:
+            compress_together([layer for layer, _ in due])
+            for layer, before in due:
+                layer.repin(before)
+        return self.token
+
+    def close(self) -> None:
+        """Unpin the layers (the cache works with ordinary ``model`` calls again) and drop the graph."""
+        for layer in self.layers:
+            layer.unpin()
+        self.graph = None
+
+    def __enter__(self) -> GraphDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,110 @@
+"""Rows that join and leave a running batch (the server's continuous batching) decode as if alone."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import chelsea
+from chelsea import ChelseaError, ClusteredCache, CompressionConfig
+from chelsea.compat import cache_arg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    lm = LlamaForCausalLM(config).eval()
+    chelsea.prepare_model(lm)
+    return lm
+
+
+def _decode_alone(model, cache, first, steps):
+    tokens, token = [int(first)], first
+    for _ in range(steps):
+        token = model(token[:, None], **cache_arg(model, cache), use_cache=True).logits[:, -1].argmax(-1)
+        tokens.append(int(token))
+    return tokens
+
+
+@pytest.mark.parametrize("method,ratio,lengths", [
+    ("chelsea-paper", 0.5, (150, 260, 90)), ("chelsea", 0.8, (150, 260, 90)), ("snapkv", 0.5, (150, 260, 90)),
+    ("chelsea-paper", 0.0, (150, 260, 90)),
+    ("chelsea-paper", 0.2, (450, 520, 400)),  # long enough that decoding re-clusters only the recent span
+])
+@pytest.mark.parametrize("deferred", [False, True], ids=["in-forward", "after-step"])
+def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, deferred):
+    """Rows of different lengths join at different steps and one leaves early; every row's greedy
+    tokens equal its own decoding (clustering included: each row keeps its own schedule), whether
+    each layer clusters during the forward or every due layer together after it (the server)."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 300, (1, n)) for n in lengths]
+    fresh = lambda: ClusteredCache(CompressionConfig(ratio=ratio), method=method)  # noqa: E731
+    alone, prefilled, firsts = [], [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = fresh()
+            first = model(prompt, **cache_arg(model, cache), use_cache=True).logits[:, -1].argmax(-1)
+            prefilled.append(copy.deepcopy(cache))
+            firsts.append(first)
+            alone.append(_decode_alone(model, cache, first, 70))
+
+        batch = fresh()
+        batch.append_rows(prefilled[0])
+        batch.append_rows(prefilled[1])
+        current, out, left = torch.cat(firsts[:2]), [[int(firsts[0])], [int(firsts[1])]], None
+        for step in range(70):
+            if step == 10:  # a third request joins
+                batch.append_rows(prefilled[2])
+                current = torch.cat([current, firsts[2]])
+                out.append([int(firsts[2])])
+            if step == 40:  # the longest leaves
+                before = batch.stats()["kv_bytes"]
+                batch.keep_rows([0, 2])
+                current, left = current[[0, 2]], out.pop(1)
+                assert batch.stats()["kv_bytes"] <= before * 2 / 3  # its row, and padding only it needed, are freed
+            positions = torch.tensor(batch.row_positions())[:, None]
+            with batch.held() if deferred else contextlib.nullcontext():
+                logits = model(current[:, None], **cache_arg(model, batch), position_ids=positions, use_cache=True).logits
+            if deferred:
+                batch.compress_due()
+            current = logits[:, -1].argmax(-1)
+            for row, token in zip(out, current.tolist()):
+                row.append(token)
+    assert out[0] == alone[0]
+    assert left == alone[1][:41]
+    assert out[1] == alone[2][:61]
+    assert batch.row_positions() == [lengths[0] + 70, lengths[2] + 60]
+    layer = batch.layers[0]
+    real = layer.log_counts > float("-inf")
+    if ratio > 0:  # decoding kept clustering: each row holds its budget plus at most what one schedule adds
+        cfg = batch.config
+        assert (real[:, 0].sum(-1) <= torch.tensor([cfg.budget(n) + layer.every for n in batch.row_positions()])).all()
+    if method == "chelsea-paper":  # merging keeps every token: each row's counts sum to its tokens
+        counts = layer.log_counts.exp().where(real, torch.zeros(())).sum(-1)
+        torch.testing.assert_close(counts, torch.tensor([[lengths[0] + 70.0] * 2, [lengths[2] + 60.0] * 2]))
+
+
+def test_only_the_same_method_and_settings_share_a_batch(model):
+    a = ClusteredCache(CompressionConfig(ratio=0.5), method="chelsea-paper")
+    b = ClusteredCache(CompressionConfig(ratio=0.8), method="chelsea-paper")
+    with torch.inference_mode():
+        model(torch.randint(0, 300, (1, 20)), **cache_arg(model, b), use_cache=True)
+    with pytest.raises(ChelseaError, match="same method and settings"):
+        a.append_rows(b)
+
+
+def test_the_last_row_leaving_empties_the_batch(model):
+    cache = ClusteredCache(CompressionConfig(ratio=0.5), method="chelsea-paper")
+    part = ClusteredCache(CompressionConfig(ratio=0.5), method="chelsea-paper")
+    with torch.inference_mode():
+        model(torch.randint(0, 300, (1, 100)), **cache_arg(model, part), use_cache=True)
+    cache.append_rows(part)
+    assert cache.batch_size == 1
+    cache.keep_rows([])
+    assert cache.batch_size == 0 and cache.stats()["kv_bytes"] == 0
+    cache.append_rows(part)  # and it takes rows again
+    assert cache.batch_size == 1 and cache.row_positions() == [100]
