@@ -96,7 +96,7 @@ def run_load(engine: Engine, method: str, ratio: float, requests: list[list[int]
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine.peak_running = engine.peak_kv_bytes = 0
+    engine.decoder.peak_running = engine.decoder.peak_kv_bytes = 0
     steps = engine.counters["decode_steps_total"]
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]

@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
-from tiny import SMALL, tiny
+from tiny import tiny
 from transformers import DynamicCache, Gemma2Config, GPT2Config, MistralConfig, Qwen2Config
 
 import chelsea
 from chelsea import ChelseaError, ClusteredCache, CompressionConfig, UnsupportedModelError
 from chelsea.methods import ChelseaPaper
 from chelsea.models import check_model_config
+from chelsea.compat import cache_arg
 
 def _sdpa_copy(model):
     ref = copy.deepcopy(model)  # a deep copy: the config object holds the attention implementation
@@ -30,14 +31,14 @@ def test_ratio_zero_equals_full_cache(family):
     steps = torch.randint(0, 256, (2, 6))
     cache, full = ClusteredCache(method="chelsea-paper", ratio=0.0, chunk_size=8, window=8), DynamicCache()
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, past_key_values=cache).logits
-        want = ref(ids, attention_mask=mask, past_key_values=full).logits
+        out = model(ids, attention_mask=mask, **cache_arg(model, cache)).logits
+        want = ref(ids, attention_mask=mask, **cache_arg(ref, full)).logits
         valid = mask.bool()
         torch.testing.assert_close(out[valid], want[valid], rtol=1e-4, atol=1e-5)
         for t in range(steps.shape[1]):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            out = model(steps[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits
-            want = ref(steps[:, t : t + 1], attention_mask=mask, past_key_values=full).logits
+            out = model(steps[:, t : t + 1], attention_mask=mask, **cache_arg(model, cache)).logits
+            want = ref(steps[:, t : t + 1], attention_mask=mask, **cache_arg(ref, full)).logits
             torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == full.get_seq_length() == 76
 
@@ -51,7 +52,7 @@ def test_generate_keeps_budget_counts_and_positions(ratio):
     ids = torch.randint(0, 256, (1, 400))
     new = 50
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        model.generate(ids, **cache_arg(model, cache), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     seen = ids.shape[1] + new - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == seen
     for layer in cache.layers:
@@ -70,8 +71,8 @@ def test_sinks_and_window_are_bit_identical_after_prefill():
     cache, full = ClusteredCache(cfg, method=ChelseaPaper(chunk_size=8)), DynamicCache()
     ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=full)
+        model(ids, **cache_arg(model, cache))
+        model(ids, **cache_arg(model, full))
     for mine, ref in zip(cache.layers, full.layers):
         assert mine.keys.shape[2] == cfg.budget(300)
         for a, b in ((mine.keys, ref.keys), (mine.values, ref.values)):
@@ -92,10 +93,10 @@ def test_padding_is_never_merged_and_batch_rows_match_single_runs():
         ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     cache = ClusteredCache(cfg, method=paper)
     with torch.no_grad():
-        batch_out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+        batch_out = model.generate(ids, attention_mask=mask, **cache_arg(model, cache), max_new_tokens=12,
                                    min_new_tokens=12, do_sample=False, pad_token_id=0)
         for i, p in enumerate(prompts):
-            single = model.generate(p[None], past_key_values=ClusteredCache(cfg, method=paper), max_new_tokens=12,
+            single = model.generate(p[None], **cache_arg(model, ClusteredCache(cfg, method=paper)), max_new_tokens=12,
                                     min_new_tokens=12, do_sample=False, pad_token_id=0)
             assert torch.equal(batch_out[i, width:], single[0, len(p):]), f"row {i}"
     for layer in cache.layers:
@@ -108,7 +109,7 @@ def test_short_prompt_is_not_compressed():
     model = chelsea.prepare_model(tiny("llama"))
     cache = ClusteredCache(ratio=0.8, sink_tokens=4, window=64)
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 50)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 50)), **cache_arg(model, cache))
     stats = cache.stats()
     assert stats["compressed"] is False and stats["kv_entries"] == 50
 
@@ -118,9 +119,9 @@ def test_cache_with_another_attention_gets_a_clear_error():
     model.set_attn_implementation("sdpa")
     cache = ClusteredCache(ratio=0.5)
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 10)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 10)), **cache_arg(model, cache))
         with pytest.raises(ChelseaError, match="chelsea"):
-            model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
+            model(torch.randint(0, 256, (1, 1)), **cache_arg(model, cache))
 
 
 @pytest.mark.parametrize(
@@ -150,7 +151,7 @@ def test_clustergen_in_its_exact_limit_generates_like_the_full_cache():
     cache = ClusteredCache(method="clustergen", delta=0.0, cluster_samples=2, value_samples=400, window=16, compress_every=8)
     with torch.no_grad():
         want = ref.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-        got = model.generate(ids, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        got = model.generate(ids, **cache_arg(model, cache), max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert torch.equal(want, got)
     stats = cache.stats()
     assert stats["compressed"] and stats["tokens_seen"] == 329
@@ -166,7 +167,7 @@ def test_clustergen_refuses_padded_batches():
     mask = torch.ones_like(ids)
     mask[0, :10] = 0
     with torch.no_grad(), pytest.raises(ChelseaError, match="padded"):
-        model(ids, attention_mask=mask, past_key_values=ClusteredCache(method="clustergen"))
+        model(ids, attention_mask=mask, **cache_arg(model, ClusteredCache(method="clustergen")))
 
 
 def test_buffers_grow_in_place_and_give_memory_back_after_clustering():
@@ -174,7 +175,7 @@ def test_buffers_grow_in_place_and_give_memory_back_after_clustering():
     cache = ClusteredCache(method="chelsea-paper", ratio=0.8, chunk_size=16, window=16)
     ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **cache_arg(model, cache))
         layer = cache.layers[0]
         full_bytes = layer.full_nbytes()
         # After clustering the prefill, the allocation (spare room included) is near the budget.
@@ -182,7 +183,7 @@ def test_buffers_grow_in_place_and_give_memory_back_after_clustering():
         buffer = layer._key_buf
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(10):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
         assert layer._key_buf is buffer  # decoding wrote into the same buffer, no copy per token
         assert layer.keys.data_ptr() == buffer.data_ptr()
 
@@ -192,7 +193,7 @@ def test_clustergen_rows_follow_beam_reordering():
     ids = torch.randint(0, 256, (3, 200), generator=torch.Generator().manual_seed(8))
     cache = ClusteredCache(method="clustergen", window=16, value_samples=32)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_arg(model, cache))
     layer = cache.layers[0]
     keys, centers, counts = layer.keys.clone(), layer.summary.centers.clone(), layer.summary.tokens().clone()
     order = torch.tensor([2, 0, 0])
@@ -208,5 +209,5 @@ def test_clustergen_runs_beam_search():
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(9))
     cache = ClusteredCache(method="clustergen", window=16, value_samples=32, compress_every=4)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        out = model.generate(ids, **cache_arg(model, cache), num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape == (1, 212) and cache.layers[0].summary.centers.shape[0] == 3

@@ -200,3 +200,33 @@ def test_set_reaches_the_method(tiny_model_dir, prompt_file):
     assert rows[0]["kv_bytes"] == rows[1]["kv_bytes"] and rows[0]["compressed"] and rows[1]["compressed"]
     assert [r["settings"]["exact_share"] for r in rows] == [0.0, 1.0]
     assert rows[0]["settings"]["scoring"]["importance"] == "window" and rows[0]["settings"]["scoring"]["fact_weight"] == 0.0
+
+
+def test_serve_calibrates_first_and_says_where_it_listens(tiny_model_dir):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chelsea.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "listening on" in line:
+                break
+        text = "".join(lines)
+        assert f"listening on http://127.0.0.1:{port}/v1" in text and "16 requests run and 16 wait" in text
+        assert text.index("Fact heads") < text.index("listening on")  # the calibration came before, not in a request
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -7,6 +7,7 @@ import chelsea
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.methods import H2O, KNorm, RandomEviction, SnapKV, Streaming, get_method
 from chelsea.scoring.attention_scores import attention_mass
+from chelsea.compat import cache_arg
 
 EVICTION = ["streaming", "h2o", "snapkv", "random", "knorm"]
 
@@ -124,7 +125,7 @@ def test_baselines_run_in_a_model_with_the_same_budget_as_chelsea(name):
     for method in (name, "chelsea-paper"):
         cache = ClusteredCache(CompressionConfig(ratio=0.75, window=16), method=method)
         with torch.no_grad():
-            model.generate(ids, past_key_values=cache, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+            model.generate(ids, **cache_arg(model, cache), max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert cache.get_seq_length() == 419
         entries[method] = [layer.keys.shape[2] for layer in cache.layers]
     assert entries[name] == entries["chelsea-paper"]
@@ -138,7 +139,7 @@ def test_attention_scores_follow_the_entries_in_a_model(name):
     mask[1, :40] = 0  # a left-padded row takes the per-row path
     cache = ClusteredCache(CompressionConfig(ratio=0.5, window=16), method=name)
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40, min_new_tokens=40,
+        model.generate(ids, attention_mask=mask, **cache_arg(model, cache), max_new_tokens=40, min_new_tokens=40,
                        do_sample=False)
     layer = cache.layers[0]
     assert layer.scores.shape == layer.log_counts.shape

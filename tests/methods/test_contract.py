@@ -16,6 +16,7 @@ from chelsea import ChelseaError, ClusteredCache
 from chelsea.attention import weighted_attention
 from chelsea.methods import METHODS, Method, get_method, region_bounds, register
 from chelsea.settings import setting
+from chelsea.compat import cache_arg
 
 RATIO_METHODS = [name for name, cls in METHODS.items() if cls.takes_ratio and cls.layer == "clustered"]
 # Merging methods keep every token's count: chelsea drops what resembles no kept entry unless told not to.
@@ -59,7 +60,7 @@ def test_every_method_frees_bytes_in_a_model(name):
     cache = ClusteredCache(method=name, ratio=0.75, window=16, **MERGING.get(name, {}))
     ids = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        model.generate(ids, **cache_arg(model, cache), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     stats = cache.stats()
     assert stats["tokens_seen"] == 407 and stats["compressed"]
     assert stats["kv_bytes"] < 0.6 * stats["kv_bytes_full"]
@@ -111,7 +112,7 @@ def test_a_new_method_is_known_everywhere_by_its_registration():
         cache = ClusteredCache(method="keep-first", ratio=0.5, window=8, every=2)
         ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            model.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            model.generate(ids, **cache_arg(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert cache.method.every == 2 and cache.stats()["kv_entries"] <= 50 + 32
         with pytest.raises(ChelseaError, match="every"):
             ClusteredCache(method="keep-first", every=0)

@@ -8,6 +8,7 @@ import chelsea
 from chelsea import ChelseaError, ClusteredCache, CompressionConfig
 from chelsea.methods import configure
 from chelsea.runtime import GraphDecoder
+from chelsea.compat import cache_arg
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,12 +24,12 @@ def _caches(method: str, ratio: float, **settings):
 def _decode_both(model, cache, ref_cache, ids, mask, steps, **decoder_args):
     """Prefill both caches alike; decode ``steps`` tokens ordinarily and with the GraphDecoder."""
     with torch.no_grad():
-        first = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-        model(ids, attention_mask=mask, past_key_values=ref_cache)
+        first = model(ids, attention_mask=mask, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
+        model(ids, attention_mask=mask, **cache_arg(model, ref_cache))
         token, want_tokens, want_logits = first, [], []
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(token, attention_mask=mask, past_key_values=ref_cache).logits
+            logits = model(token, attention_mask=mask, **cache_arg(model, ref_cache)).logits
             token = logits[:, -1:].argmax(-1)
             want_tokens.append(token)
             want_logits.append(logits)
@@ -82,7 +83,7 @@ def test_pinned_layer_hides_the_free_entries():
     cache = ClusteredCache(ratio=0.5, window=8, compress_every=4, **PAPER)
     ids = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        first = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(ids, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
         decoder = GraphDecoder(model, cache, first, headroom=16)
         for _ in range(6):
             decoder.step()
@@ -92,7 +93,7 @@ def test_pinned_layer_hides_the_free_entries():
                 assert not torch.isneginf(layer.log_counts).any()
                 assert int(decoder.state[1 + layer_index(cache, layer)]) == layer.length
         decoder.close()
-        model(first, past_key_values=cache)  # ordinary decoding works again
+        model(first, **cache_arg(model, cache))  # ordinary decoding works again
     assert cache.stats()["tokens_seen"] == 47
 
 
@@ -107,13 +108,13 @@ def test_graph_decoder_refuses_what_it_cannot_pin():
         GraphDecoder(model, ClusteredCache(ratio=0.5), token)
     cache = ClusteredCache(method="clustergen")
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 20)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 20)), **cache_arg(model, cache))
     with pytest.raises(ChelseaError, match="clustergen"):
         GraphDecoder(model, cache, token)
     if not torch.cuda.is_available():
         with torch.no_grad():
             c = ClusteredCache(ratio=0.5)
-            model(torch.randint(0, 256, (1, 20)), past_key_values=c)
+            model(torch.randint(0, 256, (1, 20)), **cache_arg(model, c))
         with pytest.raises(ChelseaError, match="CUDA"):
             GraphDecoder(model, c, token, cuda_graph=True)
 
@@ -126,12 +127,12 @@ def test_decode_span_reclusters_only_the_recent_entries(span):
     cache = ClusteredCache(ratio=0.5, window=8, sink_tokens=2, compress_every=8, decode_span=span, **PAPER)
     torch.manual_seed(4)
     with torch.no_grad():
-        token = model(torch.randint(0, 256, (1, 300)), past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(torch.randint(0, 256, (1, 300)), **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
         layer = cache.layers[1]
         prefix_changed = False
         for _ in range(32):
             before_keys, before_len = layer.keys.clone(), layer.length
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_arg(model, cache)).logits[:, -1:].argmax(-1)
             if layer.length < before_len + 1:  # a clustering ran in this step
                 fixed = before_len + 1 - 8 - (span or before_len)
                 if span is not None:
@@ -160,7 +161,7 @@ def test_layers_clustered_together_equal_layers_clustered_alone(method, shares, 
     with torch.no_grad():
         for n, cache in enumerate(caches):
             with cache.held():
-                model(ids, past_key_values=cache)
+                model(ids, **cache_arg(model, cache))
             for i, layer in enumerate(cache.layers):
                 if shares:
                     layer.share = shares[i % len(shares)]
@@ -260,12 +261,12 @@ def test_fused_layers_decode_like_eager_layers():
     mask = torch.ones_like(ids)
     cache, ref_cache = _caches("chelsea-paper", 0.5)
     with torch.no_grad():
-        first = model(ids, past_key_values=ref_cache).logits[:, -1:].argmax(-1)
+        first = model(ids, **cache_arg(model, ref_cache)).logits[:, -1:].argmax(-1)
         with GraphDecoder(model, ref_cache, first, headroom=6) as decoder:
             want = [(decoder.step().clone(), decoder.logits.clone()) for _ in range(20)]
         assert fuse_layers(model) == len(model.model.layers)
         with torch.compiler.set_stance("force_eager"):
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, **cache_arg(model, cache))
         with GraphDecoder(model, cache, first, headroom=6) as decoder:
             got = [(decoder.step().clone(), decoder.logits.clone()) for _ in range(20)]
     torch._dynamo.reset()

@@ -1,7 +1,6 @@
 """compress_context and the scores around it: the default method end to end, scores made inside
 the forward, token surprisal, and the caches the repeats run on."""
 
-import pytest
 import torch
 from tiny import tiny_with_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -9,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.runtime import use_method
 from chelsea.scoring import compress_context, token_surprisal
+from chelsea.compat import cache_arg
 
 
 def test_chelsea_is_the_default_and_the_paper_method_stays_reachable(tmp_path, monkeypatch):
@@ -49,8 +49,8 @@ def test_in_forward_scores_rank_every_entry_by_the_newest_block_until_a_context_
     config = CompressionConfig(ratio=0.5, window=16)
     cache = ClusteredCache(config, method="kvzip")
     with torch.no_grad():
-        model(ids[:, :100], past_key_values=cache, use_cache=True)
-        model(ids[:, 100:], past_key_values=cache, use_cache=True)
+        model(ids[:, :100], **cache_arg(model, cache), use_cache=True)
+        model(ids[:, 100:], **cache_arg(model, cache), use_cache=True)
     assert cache.layers[0].keys.shape[2] == config.budget(200)
     assert torch.all(cache.layers[0].scores == 1.0 / 3)  # layer 0's scoring in the second forward, old entries too
 
@@ -59,7 +59,7 @@ def test_in_forward_scores_rank_every_entry_by_the_newest_block_until_a_context_
     compress_context(model, scored, ids[:, :100], reconstruct=None)  # the prompt's own last queries: 1 / 1 in layer 0
     assert not any(layer.rescore for layer in scored.layers)
     with torch.no_grad():
-        model(ids[:, 100:], past_key_values=scored, use_cache=True)
+        model(ids[:, 100:], **cache_arg(model, scored), use_cache=True)
     kept = scored.layers[0].scores
     assert bool((kept == 1.0).any()) and bool((kept == 1.0 / 3).any())  # the context's scores stay beside the new ones
 

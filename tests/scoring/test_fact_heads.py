@@ -9,6 +9,7 @@ from chelsea import ChelseaError, ClusteredCache, CompressionConfig, Importance
 from chelsea.runtime import use_method
 from chelsea.scoring import compress_context, find_fact_heads
 from chelsea.scoring.budgets import profile_shares
+from chelsea.compat import cache_arg
 
 
 def test_calibration_prompts_have_the_length_and_mark_exactly_the_codes():
@@ -69,7 +70,7 @@ def test_fact_weight_keeps_the_layer_budgets_and_calibrates_once_per_model():
     found = next(iter(memo.values()))
     compress_context(model, caches[3.0].empty_like(), ids[:, :300], tokenizer)
     assert next(iter(model._chelsea_fact_heads.values())) is found  # not calibrated again
-    out = model.generate(input_ids=ids, past_key_values=caches[3.0], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    out = model.generate(input_ids=ids, **cache_arg(model, caches[3.0]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 403)
 
 

@@ -10,6 +10,7 @@ from tiny import tiny_with_tokenizer
 
 from chelsea import ChelseaError, ClusteredCache, CompressionConfig
 from chelsea.attention import weighted_attention
+from chelsea.compat import cache_arg
 from chelsea.runtime import use_method
 from chelsea.scoring.budgets import split_budgets
 from chelsea.scoring import (Reconstruction, compress_context, output_gram, output_grams, repeat_prompts,
@@ -109,7 +110,7 @@ def test_compress_context_scores_compresses_and_keeps_the_context(method):
     assert sum(lengths) == len(lengths) * 60 and len(set(lengths)) > 1  # uneven layers, same total
     stats = cache.stats()
     assert stats["kv_bytes"] < 0.25 * stats["kv_bytes_full"]
-    out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    out = model.generate(input_ids=ids, **cache_arg(model, cache), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (2, 405) and cache.layers[0].seen == 404
 
 
@@ -119,7 +120,7 @@ def test_reconstruction_leaves_the_cache_as_the_prefill_left_it():
     ids = torch.randint(0, 1000, (1, 200), generator=torch.Generator().manual_seed(2))
     cache = ClusteredCache(method="kvzip", ratio=0.5)
     with cache.held():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_arg(model, cache))
         before = [layer.keys.clone() for layer in cache.layers]
         score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=64)
     for layer, keys in zip(cache.layers, before):
@@ -138,7 +139,7 @@ def test_local_repeats_side_by_side_give_the_scores_of_one_chunk_at_a_time():
     def prefilled():
         cache = ClusteredCache(method="kvzip", ratio=0.5)
         with cache.held(), torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_arg(model, cache))
         for layer in cache.layers:
             layer.scores.zero_()
         return cache
@@ -149,7 +150,7 @@ def test_local_repeats_side_by_side_give_the_scores_of_one_chunk_at_a_time():
         for lo, hi, prompt in repeat_prompts(tokenizer, ids, 64):  # 0-64 (no overlap), three of 64, 256-300
             for layer, gram in zip(one_at_a_time.layers, grams):
                 layer.observer = Reconstruction(300, lo, hi, 4, "local", output_gram=gram)
-            model(input_ids=prompt, past_key_values=one_at_a_time)
+            model(input_ids=prompt, **cache_arg(model, one_at_a_time))
             for layer in one_at_a_time.layers:
                 layer.observer, layer.length, layer.seen = None, 300, 300
     for batch_tokens in (1, 10**6):
@@ -182,7 +183,7 @@ def test_question_attention_is_the_largest_probability_and_combines_with_reconst
     def scores(question: bool, reconstruct: bool):
         cache = ClusteredCache(ratio=0.5)
         with cache.held(question=question), torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_arg(model, cache))
             if reconstruct:
                 # one chunk: the repeat's softmax spans twice the context, so the question's is larger in places
                 score_by_reconstruction(model, cache, ids, tokenizer, chunk_size=256, keep_scores=question)
@@ -200,7 +201,7 @@ def test_reconstruction_refuses_other_methods_and_padding():
     use_method(model, "chelsea")
     ids = torch.randint(0, 1000, (1, 100))
     cache = ClusteredCache(method="chelsea-paper", ratio=0.5)
-    model(ids, past_key_values=cache)
+    model(ids, **cache_arg(model, cache))
     with pytest.raises(Exception, match="ranks by importance"):
         score_by_reconstruction(model, cache, ids, tokenizer)
 
@@ -217,8 +218,8 @@ def test_one_compressed_context_serves_several_questions_through_copies():
         fresh = ClusteredCache(config)
         compress_context(model, fresh, context, tokenizer, chunk_size=128)
         ids = torch.cat([context, question], dim=1)
-        want = model.generate(input_ids=ids, past_key_values=fresh, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-        got = model.generate(input_ids=ids, past_key_values=copy.deepcopy(shared), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        want = model.generate(input_ids=ids, **cache_arg(model, fresh), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        got = model.generate(input_ids=ids, **cache_arg(model, copy.deepcopy(shared)), max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(got, want)
     assert all(layer.seen == 300 for layer in shared.layers)  # the shared copy is untouched
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -24,10 +25,14 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most, over all running batches (requests join between decoding steps).")] = 16,
     kv_budget_gib: Annotated[Optional[float], typer.Option("--kv-budget-gib", help="KV memory the running requests may hold together; a request waits until its estimated peak fits (default: no limit).")] = None,
+    max_body_mib: Annotated[float, typer.Option("--max-body-mib", help="Largest request body; larger ones are refused (413) before they are read.")] = 8.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Serve the model over HTTP with the OpenAI API shape; compressed documents are reused."""
+    """Serve the model over HTTP with the OpenAI API; compressed documents are reused.
+
+    Up to --max-batch requests run at once and --max-queue more wait (fewer run when --kv-budget-gib
+    binds); beyond that a request gets 429 with Retry-After."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -43,12 +48,32 @@ def serve(
         raise ChelseaError(f"--max-batch must be at least 1; got {max_batch}")
     if kv_budget_gib is not None and kv_budget_gib <= 0:
         raise ChelseaError(f"--kv-budget-gib must be positive; got {kv_budget_gib}")
+    if max_body_mib <= 0:
+        raise ChelseaError(f"--max-body-mib must be positive; got {max_body_mib}")
     CompressionConfig(ratio=ratio)
+    typer.echo(f"Loading {model} ...", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,
                     reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit, max_batch=max_batch,
                     kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)))
-    uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")
+    start = time.perf_counter()
+    if engine.prepare():  # the once-per-model calibration now, not in the first request
+        typer.echo(f"Fact heads of {model} ready ({time.perf_counter() - start:.1f} s; stored for later runs).", err=True)
+    ready = (f"chelsea serve: listening on http://{host}:{port}/v1 ({model}, {method} at ratio {ratio}; {max_batch} requests "
+             f"run and {max_queue} wait at most)")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                typer.echo(ready, err=True)
+
+    config = uvicorn.Config(create_app(engine, model, max_body=int(max_body_mib * (1 << 20))), host=host, port=port,
+                            log_level="warning")
+    try:
+        Server(config).run()
+    finally:
+        engine.close()
 
 
 @app.command()

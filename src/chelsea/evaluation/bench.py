@@ -44,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gc
-import os
 import platform
 import time
 from datetime import datetime, timezone

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..compat import cache_arg
 from ..errors import ChelseaError
@@ -145,10 +146,12 @@ def _calibrate(model, tokenizer, cache) -> FactHeads:
     length = CALIBRATION_LENGTH if not isinstance(longest, int) else max(256, min(CALIBRATION_LENGTH, longest // 2))
     ids, positions = calibration_prompts(tokenizer, length=length, codes=max(2, CODES_PER_PROMPT * length // CALIBRATION_LENGTH))
     ids, probe = ids.to(model.device), cache.empty_like()
-    with probe.held(), torch.no_grad():
+    with probe.held(), torch.no_grad(), tqdm(total=2, desc="calibrating the fact heads (once per model)", unit="pass") as bar:
         model(ids, **cache_arg(model, probe), use_cache=True, logits_to_keep=1)
+        bar.update()
         # every layer: the budget profile needs them all
         score_by_reconstruction(model, probe, ids, tokenizer, view=imp.importance if imp.importance in VIEWS else "local")
+        bar.update()
     scores = [layer.scores for layer in probe.layers if layer.is_initialized]
     chosen = choose_heads(head_hits(scores[: imp.fact_layers], positions, cfg.sink_tokens, cfg.window), imp.fact_heads)
     profile = tuple(tuple(score_profile(s[:, :, cfg.sink_tokens : s.shape[-1] - cfg.window]).tolist()) for s in scores)

@@ -1,8 +1,11 @@
-"""``chelsea serve``: an OpenAI-shaped HTTP server (:mod:`.app`) in front of an engine that batches
-requests (:mod:`.engine`), admits them within limits (:mod:`.scheduler`) and reuses compressed
-documents (:mod:`.documents`). Only :mod:`.app` needs the web framework."""
+"""``chelsea serve``: an OpenAI-compatible HTTP server (:mod:`.app`, request bodies in
+:mod:`.schema`) in front of an engine (:mod:`.engine`) that admits requests within limits
+(:mod:`.scheduler`), prefills them on one thread and decodes them together on another
+(:mod:`.decoder`), samples their tokens (:mod:`.sampling`), cuts their text at stop sequences
+(:mod:`.text`) and reuses compressed documents (:mod:`.documents`). Only :mod:`.app` and
+:mod:`.schema` need the web framework."""
 
 from .engine import Engine, servable_methods
-from .protocol import Job, ServeError
+from .protocol import Job, Sampling, ServeError
 
-__all__ = ["Engine", "Job", "ServeError", "servable_methods"]
+__all__ = ["Engine", "Job", "Sampling", "ServeError", "servable_methods"]
