@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from chelsea.cli.options import parse_settings
 from chelsea.haystack import find_haystack, haystack_text
 from chelsea.models import load_with_tokenizer
 from chelsea.serving import Engine, Job
@@ -133,6 +134,40 @@ def first_vs_second(engine: Engine, method: str, ratio: float, doc: list[int], q
             "document_kv_mib": round(engine.documents[name].nbytes / 2**20, 1)}
 
 
+def measure_method(engine: Engine, method: str, args, docs: list[list[int]], questions: list[list[int]], *, rehearse: bool,
+                   run: int) -> list[dict]:
+    """One method's scenarios (after one rehearsal of every path, not measured, when ``rehearse``)."""
+    ratio = 0.0 if method == "full" else args.ratio
+    if rehearse:
+        engine.prepare(method)  # a calibration or a scorer's fit happens once, outside the measurement
+        rehearsal = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
+        run_load(engine, method, ratio, [docs[0] + q for q in questions[: min(16, args.clients)]], min(16, args.clients),
+                 args.max_tokens, rehearsal["document"])
+        engine.documents.clear()
+    once = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
+    print(f"{method}: first question {once['ttft_inline_s']:.3f} s to first token, registered {once['ttft_registered_s']:.3f} s "
+          f"({once['second_over_first']:.1%}); document {once['document_kv_mib']} MiB", flush=True)
+    rows = []
+    for scenario in args.scenarios.split(","):
+        if scenario == "shared":
+            prompts = [docs[0] + q for q in questions]
+            result = run_load(engine, method, ratio, prompts, args.clients, args.max_tokens, once["document"])
+        else:
+            prompts = [d + questions[i] for i, d in enumerate(docs[: args.distinct_requests])]
+            result = run_load(engine, method, ratio, prompts, args.clients, args.max_tokens, None)
+        row = {"run": run, "method": method, "ratio": ratio, "scenario": scenario, "context": args.context, "clients": args.clients,
+               "max_tokens": args.max_tokens, "kv_budget_gib": args.kv_budget_gib, "max_batch": args.max_batch,
+               "settings": engine.method_settings, **result}
+        if scenario == "shared":
+            row.update({k: once[k] for k in ("ttft_inline_s", "register_s", "ttft_registered_s", "second_over_first", "document_kv_mib")})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    engine.documents.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-0.5b", help="built-in model, path, or a preset with random weights")
@@ -147,48 +182,28 @@ def main() -> None:
     parser.add_argument("--methods", default="full,chelsea-paper,chelsea")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--scenarios", default="shared,distinct")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method setting for the server, as chelsea serve --set (repeatable)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every method's scenarios this many times (all runs kept)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
     engine = Engine(model, tokenizer, method="full", ratio=0.0, max_queue=max(args.clients, args.distinct_requests) + 4,
                     reuse_bytes=64 << 30, max_tokens_limit=args.max_tokens, max_batch=args.max_batch,
-                    kv_budget=int(args.kv_budget_gib * 2**30))
+                    kv_budget=int(args.kv_budget_gib * 2**30), settings=parse_settings(args.set))
     docs = documents(tokenizer, engine, max(1, args.distinct_requests), args.context)
     questions = [engine.question_ids(f"Question {i}: what does the essay say about its main topic?") for i in range(args.clients * args.questions)]
     rows = []
-    for method in args.methods.split(","):
-        ratio = 0.0 if method == "full" else args.ratio
-        # Warm-up, not measured: one rehearsal of each path (Triton compiles a kernel per shape class).
-        rehearsal = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
-        run_load(engine, method, ratio, [docs[0] + q for q in questions[: min(16, args.clients)]], min(16, args.clients),
-                 args.max_tokens, rehearsal["document"])
-        engine.documents.clear()
-        once = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
-        print(f"{method}: first question {once['ttft_inline_s']:.3f} s to first token, registered {once['ttft_registered_s']:.3f} s "
-              f"({once['second_over_first']:.1%}); document {once['document_kv_mib']} MiB", flush=True)
-        for scenario in args.scenarios.split(","):
-            if scenario == "shared":
-                prompts = [docs[0] + q for q in questions]
-                result = run_load(engine, method, ratio, prompts, args.clients, args.max_tokens, once["document"])
-            else:
-                prompts = [d + questions[i] for i, d in enumerate(docs[: args.distinct_requests])]
-                result = run_load(engine, method, ratio, prompts, args.clients, args.max_tokens, None)
-            row = {"method": method, "ratio": ratio, "scenario": scenario, "context": args.context, "clients": args.clients,
-                   "max_tokens": args.max_tokens, "kv_budget_gib": args.kv_budget_gib, "max_batch": args.max_batch, **result}
-            if scenario == "shared":
-                row.update({k: once[k] for k in ("ttft_inline_s", "register_s", "ttft_registered_s", "second_over_first", "document_kv_mib")})
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        engine.documents.clear()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for run in range(args.repeats):
+        for method in args.methods.split(","):
+            rows += measure_method(engine, method, args, docs, questions, rehearse=run == 0, run=run)
 
-    for scenario in args.scenarios.split(","):
-        full = next((r for r in rows if r["method"] == "full" and r["scenario"] == scenario), None)
-        for r in rows:
-            if r["scenario"] == scenario and full:
-                r["requests_per_s_vs_full"] = round(r["requests_per_s"] / full["requests_per_s"], 2)
-    columns = ["method", "scenario", "requests", "requests_per_s", "requests_per_s_vs_full", "tokens_per_s", "ttft_p50_s",
+    for r in rows:
+        full = next((f for f in rows if f["method"] == "full" and f["scenario"] == r["scenario"] and f["run"] == r["run"]), None)
+        if full:
+            r["requests_per_s_vs_full"] = round(r["requests_per_s"] / full["requests_per_s"], 2)
+    columns = ["run", "method", "scenario", "requests", "requests_per_s", "requests_per_s_vs_full", "tokens_per_s", "ttft_p50_s",
                "ttft_p90_s", "peak_batch", "peak_running_kv_gib", "peak_gpu_gib"]
     widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -199,7 +214,7 @@ def main() -> None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         meta = {"date": datetime.date.today().isoformat(), "device": device, "model": args.model, "torch": torch.__version__,
                 "command": "python benchmarks/serve_load.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                          if v is not None and k != "out")}
+                                                                          if v not in (None, []) and k != "out")}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

@@ -1,5 +1,7 @@
 """The packaged text and the chat template's frame: what scoring calibration and the evaluation read.
 
+Calibration and evaluation read different essays (:func:`calibration_files`,
+:func:`evaluation_files`), so the evaluation never tests on text a calibration was fitted on.
 49 of Paul Graham's essays (MIT licence, ``chelsea/data/haystack/LICENSE.txt``) ship inside the
 package, so calibration, the tasks, the demo and the tests need nothing beside it. Another
 folder can be chosen with an explicit path or ``$CHELSEA_HAYSTACK``.
@@ -42,6 +44,20 @@ def find_haystack(path: str | os.PathLike | None = None) -> Path | None:
 def essay_files(folder: Path) -> list[Path]:
     """The essays of ``folder`` in file-name order."""
     return [p for p in sorted(folder.glob("*.txt")) if p.name != "LICENSE.txt"]
+
+
+def calibration_files(folder: Path) -> list[Path]:
+    """The essays calibration reads (every fourth, from the fourth): never the evaluation's. A
+    folder of fewer than four cannot be split: calibration and evaluation then share it."""
+    files = essay_files(folder)
+    return files[3::4] if len(files) >= 4 else files
+
+
+def evaluation_files(folder: Path) -> list[Path]:
+    """The essays the evaluation's tasks read: every essay calibration does not."""
+    files = essay_files(folder)
+    held = set(calibration_files(folder)) if len(files) >= 4 else set()
+    return [p for p in files if p not in held]
 
 
 def haystack_text(folder: Path, files: list[Path] | None = None) -> str:

@@ -161,16 +161,18 @@ class CompressionConfig:
         return dataclasses.asdict(self)
 
 
-IMPORTANCE_SOURCES = ("local", "full", "window", "surprise")
+IMPORTANCE_SOURCES = ("local", "full", "window", "surprise", "learned")
 
 
 @dataclass(frozen=True)
 class Importance:
     """Where the scores of the methods that rank by importance come from (:mod:`chelsea.scoring`)."""
 
-    importance: str = setting("local", "where scores come from when a context is compressed with compress_context: context "
-                                       "reconstruction whose repeat attends to the sinks and its chunk ('local') or to the whole "
-                                       "cache ('full'), the prompt's last queries ('window'), or token surprisal alone ('surprise')",
+    importance: str = setting("local", "where scores come from: a small model per layer trained once per model to predict the "
+                                       "reconstruction-and-fact-head scores from each entry's key and value ('learned'; it also "
+                                       "scores every decoded token), context reconstruction whose repeat attends to the sinks and "
+                                       "its chunk ('local') or to the whole cache ('full'), the prompt's last queries ('window'), "
+                                       "or token surprisal alone ('surprise')",
                               choices=IMPORTANCE_SOURCES)
     output_norm: bool = setting(True, "weight each query head's reconstruction attention by the norm of what the entry's value "
                                       "adds to its output, ||W_o v|| (KVzip+'s factor); off: the paper's KVzip scores")

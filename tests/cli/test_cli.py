@@ -225,7 +225,7 @@ def test_serve_calibrates_first_and_says_where_it_listens(tiny_model_dir):
                 break
         text = "".join(lines)
         assert f"listening on http://127.0.0.1:{port}/v1" in text and "16 requests run and 16 wait" in text
-        assert text.index("Fact heads") < text.index("listening on")  # the calibration came before, not in a request
+        assert text.index("Calibration of chelsea") < text.index("listening on")  # the calibration came before, not in a request
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
     finally:
         proc.terminate()

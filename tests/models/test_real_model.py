@@ -44,3 +44,18 @@ def test_demo_command_prints_the_table(tmp_path):
     rows = json.loads(out_file.read_text())["rows"]
     assert [r["method"] for r in rows] == ["full", "chelsea"]
     assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+
+
+def test_the_learned_scorer_ranks_held_out_text_like_its_teacher(smollm2, tmp_path, monkeypatch):
+    """Fitted on a few prompts, the learned scorer's ranking of held-out essays (not trained on)
+    agrees with the reconstruction-and-fact-head scores it learns from."""
+    from chelsea import ClusteredCache
+    from chelsea.runtime import use_method
+    from chelsea.scoring import train_learned
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    model, tokenizer = smollm2
+    use_method(model, "chelsea")
+    scorer = train_learned(model, tokenizer, ClusteredCache(ratio=0.8, importance="learned"), prompts=6, length=768)
+    assert scorer.metrics["spearman"] > 0.6, scorer.metrics
+    assert scorer.metrics["top_overlap"] > 0.45, scorer.metrics

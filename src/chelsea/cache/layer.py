@@ -90,7 +90,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
                 return out
         out = weighted_attention(query, key, value, bias, scale=scale)
         if self.observer is not None:
-            self.observer.observe(self, query, key, bias, scale, self.scores, module)
+            self.observer.observe(self, query, key, value, bias, scale, self.scores, module)
         self.after_attention()
         return out
 

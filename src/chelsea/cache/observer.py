@@ -26,10 +26,11 @@ class ScoreObserver:
         compress after this forward); ``None`` lets the layer attend as usual."""
         return None
 
-    def observe(self, layer, query: torch.Tensor, key: torch.Tensor, log_counts: torch.Tensor | None,
+    def observe(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts: torch.Tensor | None,
                 scale: float | None, scores: torch.Tensor, module=None) -> None:
-        """After the layer attended: update ``scores`` (the per-entry scores aligned with ``key``;
-        the whole buffer when the layer is pinned). ``module`` is the model's attention module."""
+        """After the layer attended: update ``scores`` (the per-entry scores aligned with ``key`` and
+        ``value``; the whole buffers when the layer is pinned, its new token at ``layer.slot``).
+        ``module`` is the model's attention module."""
 
 
 _PROVIDERS: dict[str, Callable[[object], ScoreObserver]] = {}

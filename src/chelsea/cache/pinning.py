@@ -60,7 +60,7 @@ class Pinning:
         counts = self._count_buf
         out = weighted_attention(query, key, value, counts, scale=scale)
         if self.observer is not None:
-            self.observer.observe(self, query, key, counts, scale, self._score_buf, module)
+            self.observer.observe(self, query, key, value, counts, scale, self._score_buf, module)
         self.awaiting_attention = False
         return out
 

@@ -1,5 +1,5 @@
 """The ``chelsea`` command: ``demo``, ``generate``, ``eval``, ``report``, ``analyze``, ``bench``,
-``serve``, ``models`` and ``methods``, one module per group; bad input ends with one line and exit code 2."""
+``serve``, ``calibrate``, ``models`` and ``methods``, one module per group; bad input ends with one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import typer
 
 from ..errors import ChelseaError
-from . import bench, evaluate, generate, serve  # noqa: F401  (each registers its commands)
+from . import bench, calibrate, evaluate, generate, serve  # noqa: F401  (each registers its commands)
 from .options import app
 
 

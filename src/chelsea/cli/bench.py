@@ -15,8 +15,8 @@ from .options import DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, DtypeOpt, SetOpt, a
 
 COLUMNS = [("context", "context"), ("batch", "batch"), ("method", "method"), ("ratio", "ratio"), ("prefill_s", "prefill s"),
            ("prefill_vs_full", "prefill x full"), ("scoring", "scoring"), ("decode_ms_per_token", "decode ms/step"),
-           ("tokens_per_s", "tokens/s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"), ("speedup_vs_full", "speed-up"),
-           ("bandwidth_limit_speedup", "bytes limit")]
+           ("tokens_per_s", "tokens/s"), ("end_to_end_s", "end to end s"), ("kv_MiB", "KV MiB"), ("peak_GiB", "peak GiB"),
+           ("speedup_vs_full", "speed-up"), ("bandwidth_limit_speedup", "bytes limit")]
 
 
 @app.command()
@@ -53,6 +53,8 @@ def bench(
                      "as in generate and eval; without it a preset's prefill ranks by the last queries (the 'scoring' column says which)."),
     ] = None,
     settings: SetOpt = None,
+    repeats: Annotated[int, typer.Option(help="Measure every configuration this many times (after the warm-up); the medians are shown, every run is in --out.")] = 1,
+    answer_tokens: Annotated[int, typer.Option(help="Answer length of the end-to-end column: the prefill plus this many decoding steps.")] = 256,
     out: Annotated[Path | None, typer.Option(help="Write the records as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -74,13 +76,15 @@ def bench(
     check_settings_known([m for m in method_list if m != "full"], own)
     if max_batch is not None and max_batch < 1:
         raise ChelseaError(f"--max-batch must be at least 1; got {max_batch}")
+    if repeats < 1 or answer_tokens < 1:
+        raise ChelseaError("--repeats and --answer-tokens must be at least 1")
     ratio_list = split_list(ratios, float, "--ratios")
     for r in ratio_list:
         CompressionConfig(ratio=r)
     records = run_bench(model, method_list, ratio_list, split_list(contexts, int, "--contexts"), split_list(batches, int, "--batches"),
                         decode_tokens, device, dtype, progress=lambda r: typer.echo(json.dumps(r), err=True),
                         device_map=device_map, max_batch=max_batch, cuda_graph=cuda_graphs, fuse=fuse, prefill_batch=prefill_batch,
-                        tokenizer=tokenizer, settings=own)
+                        tokenizer=tokenizer, settings=own, repeats=repeats, answer_tokens=answer_tokens)
     shown = [{**r, "peak_GiB": f"{r.get('peak_mem_bytes', 0) / 2**30:.1f}", "kv_MiB": f"{r.get('kv_bytes', 0) / 2**20:.0f}"} for r in records]
     columns = list(COLUMNS)
     if max_batch is not None:

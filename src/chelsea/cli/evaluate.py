@@ -16,11 +16,11 @@ from .options import (DEFAULT_MODEL, DeviceOpt, DtypeOpt, EveryOpt, ModelOpt, Se
 def eval_(
     out: Annotated[Path, typer.Option(help="Results folder: results.jsonl (raw, appended), summary.csv/.md, plots. Rerun to resume.")],
     model: ModelOpt = DEFAULT_MODEL,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: needle, passkey, multikey, multivalue, multiquery, vartrack, cwe, ppl.")] = "needle,passkey",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: needle, passkey, multikey, multivalue, multiquery, vartrack, cwe (planted facts), qa (questions on essays), code (questions on standard-library source), ppl.")] = "needle,passkey",
     methods: Annotated[str, typer.Option(help=methods_help("Comma-separated methods."))] = "full,chelsea,streaming,snapkv",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of the KV cache removed.")] = "0.5,0.8",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
-    placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives).")] = "after,before",
+    placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives), streamed (context appended in chunks of 512 tokens, each compressed as it arrives).")] = "after,before",
     samples: Annotated[int, typer.Option(help="Samples per cell (same seeds for every method).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts run together (same length, no padding).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the task generators.")] = 0,

@@ -45,7 +45,8 @@ WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens nev
 EveryOpt = Annotated[int | None, typer.Option("--compress-every", help="While decoding, compress again after this many new tokens (default: the method's own).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="A method setting as NAME=VALUE (repeatable), e.g. --set exact_share=0.7; "
+    typer.Option("--set", help="A method setting as NAME=VALUE (repeatable), e.g. --set exact_share=0.7, given to every "
+                               "method that has it; METHOD.NAME=VALUE for one method only (--set chelsea.importance=local); "
                                "`chelsea methods NAME` lists a method's settings and defaults."),
 ]
 
@@ -57,12 +58,15 @@ def parse_settings(items: list[str] | None) -> dict:
     for item in items or []:
         name, sep, text = item.partition("=")
         name = name.strip().replace("-", "_")
+        method, dot, bare = name.rpartition(".")
+        if dot and method not in METHODS:
+            raise ChelseaError(f"--set {name}: {method!r} is not a method (`chelsea methods` lists them)")
         if not sep or not name:
             raise ChelseaError(f"--set takes NAME=VALUE; got {item!r}")
-        if name in CompressionConfig.__dataclass_fields__:
-            flag = {"sink_tokens": "--sinks", "compress_every": "--compress-every"}.get(name, "--" + name)
-            raise ChelseaError(f"{name} is a shared setting: use {flag} instead of --set")
-        out[name] = parse_value(text, defaults.get(name))
+        if bare in CompressionConfig.__dataclass_fields__:
+            flag = {"sink_tokens": "--sinks", "compress_every": "--compress-every"}.get(bare, "--" + bare)
+            raise ChelseaError(f"{bare} is a shared setting: use {flag} instead of --set")
+        out[name] = parse_value(text, defaults.get(bare))
     return out
 
 

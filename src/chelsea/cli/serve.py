@@ -10,7 +10,7 @@ import typer
 
 from ..errors import ChelseaError
 from ..settings import CompressionConfig
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, app, methods_help
+from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, SetOpt, app, methods_help, parse_settings
 
 
 @app.command()
@@ -26,6 +26,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most, over all running batches (requests join between decoding steps).")] = 16,
     kv_budget_gib: Annotated[Optional[float], typer.Option("--kv-budget-gib", help="KV memory the running requests may hold together; a request waits until its estimated peak fits (default: no limit).")] = None,
     max_body_mib: Annotated[float, typer.Option("--max-body-mib", help="Largest request body; larger ones are refused (413) before they are read.")] = 8.0,
+    settings: SetOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -51,14 +52,15 @@ def serve(
     if max_body_mib <= 0:
         raise ChelseaError(f"--max-body-mib must be positive; got {max_body_mib}")
     CompressionConfig(ratio=ratio)
+    method_settings = parse_settings(settings)
     typer.echo(f"Loading {model} ...", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,
                     reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit, max_batch=max_batch,
-                    kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)))
+                    kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)), settings=method_settings)
     start = time.perf_counter()
     if engine.prepare():  # the once-per-model calibration now, not in the first request
-        typer.echo(f"Fact heads of {model} ready ({time.perf_counter() - start:.1f} s; stored for later runs).", err=True)
+        typer.echo(f"Calibration of {method} on {model} ready ({time.perf_counter() - start:.1f} s; stored for later runs).", err=True)
     ready = (f"chelsea serve: listening on http://{host}:{port}/v1 ({model}, {method} at ratio {ratio}; {max_batch} requests "
              f"run and {max_queue} wait at most)")
 

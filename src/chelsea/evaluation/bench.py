@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gc
+import statistics
 import platform
 import time
 from datetime import datetime, timezone
@@ -54,7 +55,7 @@ from ..attention import ATTN_IMPLEMENTATION, register
 from ..compat import cache_arg
 from ..errors import ChelseaError
 from ..methods import METHODS, configure
-from ..models import PRESETS, load_model, load_preset_or_model, world_size
+from ..models import PRESETS, fit_vocabulary, load_model, load_preset_or_model, world_size
 from ..runtime import GraphDecoder, cache_stats, fuse_layers, make_cache, sync
 from ..runtime import prefill as prefill_cache
 from ..scoring import compress_context
@@ -123,7 +124,9 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
     scoring = None
     if method != "full" and cache.method.scores == "importance":
         whole = prefill_batch is None or prefill_batch >= batch
-        scoring = "reconstruction" if tokenizer is not None and whole else "last queries"
+        scoring = "last queries"
+        if tokenizer is not None and whole:
+            scoring = "learned" if cache.method.scoring.importance == "learned" else "reconstruction"
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,7 +134,7 @@ def run_one(model, method: str, ratio: float, context: int, batch: int, decode_t
         sync(device)
         start = time.perf_counter()
         with torch.compiler.set_stance("force_eager"):
-            if scoring == "reconstruction":
+            if scoring in ("reconstruction", "learned"):
                 logits = compress_context(model, cache, ids, tokenizer)
             else:
                 logits = prefill_cache(model, ids, cache, micro_batch=prefill_batch)
@@ -200,6 +203,7 @@ def _setup(model_name, device, dtype, device_map, tokenizer, cuda_graph, fuse, p
     if model_name in PRESETS:
         model = load_preset_or_model(model_name, device, dtype, device_map)
         words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
+        model = fit_vocabulary(model, words) if words is not None else model
     else:
         model, words = load_model(model_name, device=device, dtype=dtype, device_map=device_map)
         words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else words
@@ -223,7 +227,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         decode_tokens: int = 32, device: str = "auto", dtype: str = "auto", progress=print,
         device_map: str | None = None, max_batch: int | None = None, cuda_graph: bool | None = None,
         fuse: bool | None = None, prefill_batch: int | None = None, tokenizer: str | None = None,
-        settings: dict | None = None) -> list[dict]:
+        settings: dict | None = None, repeats: int = 1, answer_tokens: int = 256) -> list[dict]:
     """Every (context, batch, method, ratio); a configuration that runs out of memory is recorded as such.
 
     With ``max_batch`` (the search's upper limit) ``batches`` is ignored and the largest batch that
@@ -233,6 +237,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
     ``prefill_batch`` prefills that many rows at a time (default: the whole batch).
     ``tokenizer``: a tokenizer folder for a preset (which has none), so ``chelsea`` and ``kvzip``
     score by context reconstruction as they do outside the benchmark; a real model uses its own.
+    ``repeats``: measurements per configuration (medians reported, every run kept); ``answer_tokens``:
+    the answer length of ``end_to_end_s``.
     """
     if "full" not in methods:
         methods = ["full", *methods]
@@ -246,6 +252,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
     # not inside the first timed configuration.
     for method in methods:
         one(method, _settings(method, ratios)[0], min(contexts[0], 1024), 1, 4)
+    for scorer in model.__dict__.get("_chelsea_learned", {}).values():  # fitted in the warm-up, if a method uses one
+        progress(f"learned scorer: {scorer.metrics}")
 
     records = []
     device_name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
@@ -261,17 +269,36 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
             records += _search(one, methods, ratios, context, max_batch, base(), progress)
             continue
         for batch in batches:
-            records += _batch_records(one, methods, ratios, context, batch, base(), progress)
+            records += _batch_records(one, methods, ratios, context, batch, base(), progress, repeats, answer_tokens)
     return records
 
 
-def _batch_records(one, methods, ratios, context: int, batch: int, base: dict, progress) -> list[dict]:
-    """Every method and ratio at one context and batch, each against the full cache measured first."""
+def _repeated(one, method, ratio, context: int, batch: int, repeats: int) -> dict:
+    """``repeats`` measurements of one configuration: the medians, and every run's times."""
+    runs = [one(method, ratio, context, batch) for _ in range(repeats)]
+    if repeats == 1:
+        return runs[0]
+    record = dict(runs[len(runs) // 2])
+    record["prefill_s"] = statistics.median(r["prefill_s"] for r in runs)
+    record["decode_ms_per_token"] = statistics.median(r["decode_ms_per_token"] for r in runs)
+    record["prefill_runs_s"] = [r["prefill_s"] for r in runs]
+    record["decode_runs_ms"] = [r["decode_ms_per_token"] for r in runs]
+    record["tokens_per_s"] = round(batch * 1000 / record["decode_ms_per_token"], 1)
+    return record
+
+
+def _batch_records(one, methods, ratios, context: int, batch: int, base: dict, progress, repeats: int = 1,
+                   answer_tokens: int = 256) -> list[dict]:
+    """Every method and ratio at one context and batch, each against the full cache measured first
+    (``repeats`` times each, the median kept); ``end_to_end_s`` is the prefill plus
+    ``answer_tokens`` decoding steps."""
     records, full_ms, full_prefill = [], None, None
     for method in methods:
         for ratio in _settings(method, ratios):
             try:
-                record = {**base, **one(method, ratio, context, batch)}
+                record = {**base, **_repeated(one, method, ratio, context, batch, repeats)}
+                record["end_to_end_s"] = round(record["prefill_s"] + answer_tokens * record["decode_ms_per_token"] / 1000, 4)
+                record["answer_tokens"] = answer_tokens
             except torch.OutOfMemoryError:
                 record = {**base, "method": method, "ratio": ratio, "context": context, "batch": batch, "error": "out of memory"}
                 torch.cuda.empty_cache()

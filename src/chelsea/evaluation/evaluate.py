@@ -35,7 +35,7 @@ from ..models import check_prompt_length
 from ..runtime import cache_stats, make_cache, method_choices, sync, use_method
 from ..scoring import compress_context
 from ..settings import CompressionConfig
-from .tasks import PLACEMENTS, QUESTION_TASKS, TASKS, Sample, TaskBuilder, score
+from .tasks import PLACEMENTS, QUESTION_TASKS, REAL_TASKS, STREAM_CHUNK, TASKS, Sample, TaskBuilder, score
 
 RESULTS = "results.jsonl"
 
@@ -113,7 +113,9 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
 
     ``agnostic`` samples (and every sample of an importance-ranked method) are prefilled and
     compressed up to their context's end first (:func:`chelsea.scoring.compress_context`);
-    ``generate`` then reads the rest of the prompt into the compressed cache and answers.
+    ``streamed`` samples read their context in chunks of :data:`STREAM_CHUNK` tokens, each
+    compressed as it arrives, with no pass over the whole context; ``generate`` then reads the rest
+    of the prompt into the compressed cache and answers.
     """
     ids, cache = torch.tensor([s.input_ids for s in samples], device=model.device), _cache(model, cell, settings)
     new_tokens = max(s.max_new_tokens for s in samples)
@@ -122,7 +124,10 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
     if split is None and cell.method != "full" and cache.method.scores == "importance":
         split = ids.shape[1] - 1
     with torch.inference_mode():
-        if split is not None and cell.method != "full":
+        if cell.placement == "streamed":
+            for start in range(0, split, STREAM_CHUNK):
+                model(ids[:, start : min(split, start + STREAM_CHUNK)], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
+        elif split is not None and cell.method != "full":
             compress_context(model, cache, ids[:, :split], tokenizer, question=question)
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(model, cache), max_new_tokens=new_tokens,
@@ -197,7 +202,10 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_rows(out_dir) if r.get("model") == model_name}
-    todo = [(c, i) for c in cells for i in range(samples) if (c.task, c.placement, c.length, c.method, c.ratio, i) not in done]
+    builder = TaskBuilder(tokenizer, haystack=haystack, chat_template=chat_template, seed=seed)
+    kept = {t: _unknown_without_context(model, tokenizer, builder, t, samples, out_dir) if t in REAL_TASKS else list(range(samples))
+            for t in {c.task for c in cells}}
+    todo = [(c, i) for c in cells for i in kept[c.task] if (c.task, c.placement, c.length, c.method, c.ratio, i) not in done]
     _log_run(out_dir, model_name, model, locals_=dict(tasks=tasks, methods=methods, ratios=ratios, lengths=lengths,
              placements=placements, samples=samples, batch_size=batch_size, seed=seed, ppl_block=ppl_block,
              chat_template=chat_template, settings=settings,
@@ -205,7 +213,6 @@ def run_eval(
                        for m in methods if m != "full"}))
     if not todo:
         return {"ran": 0, "skipped": len(cells) * samples}
-    builder = TaskBuilder(tokenizer, haystack=haystack, chat_template=chat_template, seed=seed)
     pending: dict[Cell, list[int]] = {}
     for cell, i in todo:
         pending.setdefault(cell, []).append(i)
@@ -222,6 +229,34 @@ def run_eval(
                 sink.flush()
                 bar.update(len(batch))
     return {"ran": len(todo), "skipped": len(cells) * samples - len(todo)}
+
+
+CLOSED_BOOK = "closed_book.jsonl"
+
+
+def _unknown_without_context(model, tokenizer, builder: TaskBuilder, task: str, samples: int, out_dir: Path) -> list[int]:
+    """The first ``samples`` indices of ``task`` whose question the model does not answer without
+    the context (asked once, greedy, with the full cache; kept in ``closed_book.jsonl``)."""
+    path = out_dir / CLOSED_BOOK
+    known = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["task"] == task:
+                known[row["index"]] = row["known"]
+    kept, index = [], 0
+    with open(path, "a", encoding="utf-8") as sink:
+        while len(kept) < samples and index < 20 * samples:
+            if index not in known:
+                sample = builder.closed_book(task, index)
+                reply = _answer(model, tokenizer, [sample], Cell(task, "closed", sample.length, "full", 0.0), {})[0]
+                known[index] = reply["score"] > 0
+                sink.write(json.dumps({"task": task, "index": index, "known": known[index], "reply": reply["reply"],
+                                       "answers": sample.answers}) + "\n")
+            if not known[index]:
+                kept.append(index)
+            index += 1
+    return kept
 
 
 def _batch_rows(model, builder: TaskBuilder, cell: Cell, indices: list[int], run) -> list[dict]:

@@ -112,7 +112,11 @@ def markdown(summary: list[dict], headline_ratio: float = 0.8) -> str:
 
 def _placement_phrase(placement: str) -> str:
     """How a placement reads in a heading: ``after`` -> "question after the context"."""
-    return "context compressed before the question" if placement == "agnostic" else f"question {placement} the context"
+    if placement == "agnostic":
+        return "context compressed before the question"
+    if placement == "streamed":
+        return "context streamed in chunks, compressed as it arrives, before the question"
+    return f"question {placement} the context"
 
 
 def _placement_tables(summary: list[dict], ratio: float) -> list[str]:

@@ -13,12 +13,17 @@ Question tasks hide facts in background text and ask about them:
 - ``cwe``: a numbered list of words in which five words appear 3 to 20 times as often as the
   others (which appear twice); the five are asked for (RULER's common-word extraction).
 
-Each question task comes in three placements: ``after`` (the question follows the context, so
+Facts stated in real text (``qa`` over essays, ``code`` over standard-library source) are in
+:mod:`.real_tasks`.
+
+Each question task comes in four placements: ``after`` (the question follows the context, so
 methods that look at the last prompt tokens see it), ``before`` (the question precedes the
 context and the reply starts with a prefix that names no key: the prompt's end says nothing of
-what will be asked) and ``agnostic`` (the prompt of ``after``, but the cache is compressed after
+what will be asked), ``agnostic`` (the prompt of ``after``, but the cache is compressed after
 the context alone and the question arrives later: one compressed document, many questions;
-``Sample.context_end`` says where the context ends).
+``Sample.context_end`` says where the context ends) and ``streamed`` (the same prompt, its
+context appended to one cache in chunks of :data:`STREAM_CHUNK` tokens, as in a long chat, each
+chunk compressed as it arrives, then the question).
 
 ``ppl`` is perplexity of haystack text read block by block (see :mod:`chelsea.evaluate`).
 
@@ -36,12 +41,14 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import ChelseaError
-from ..haystack import find_haystack, haystack_text
+from ..haystack import evaluation_files, find_haystack, haystack_text
 from .prompts import FILLER, INTRO
 
-QUESTION_TASKS = ("needle", "passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe")
+REAL_TASKS = ("qa", "code")  # facts stated in real text (:mod:`.real_tasks`)
+QUESTION_TASKS = ("needle", "passkey", "multikey", "multivalue", "multiquery", "vartrack", "cwe", *REAL_TASKS)
 TASKS = (*QUESTION_TASKS, "ppl")
-PLACEMENTS = ("after", "before", "agnostic")
+PLACEMENTS = ("after", "before", "agnostic", "streamed")
+STREAM_CHUNK = 512  # ``streamed``: the context arrives in chunks of this many tokens
 NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONTEXT_MARK = "\u2063CONTEXT\u2063"
 
@@ -84,10 +91,12 @@ class _Spec:
 
 
 def score(reply: str, answers: list[str]) -> float:
-    """Fraction of ``answers`` found in ``reply`` as whole words (case-insensitive)."""
+    """Fraction of ``answers`` found in ``reply`` as whole words (case-insensitive); an answer
+    ``a|b`` is found when either is."""
     if not answers:
         raise ValueError("a question needs at least one answer")
-    found = sum(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", reply, re.IGNORECASE) is not None for a in answers)
+    found = sum(any(re.search(rf"(?<![\w]){re.escape(alt)}(?![\w])", reply, re.IGNORECASE) is not None for alt in a.split("|"))
+                for a in answers)
     return found / len(answers)
 
 
@@ -201,8 +210,10 @@ class TaskBuilder:
             raise ChelseaError(
                 "the tasks need the haystack text: pass --haystack DIR or set CHELSEA_HAYSTACK to a folder of .txt files"
             )
-        self.text = haystack_text(folder)
+        self.folder = folder
+        self.text = haystack_text(folder, evaluation_files(folder))
         self._ids: dict[str, list[int]] = {}
+        self._sources: dict[str, dict] = {}  # per task, each target's source ids and anchor position
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -240,11 +251,13 @@ class TaskBuilder:
             raise ChelseaError(f"unknown question task {task!r}; tasks are {', '.join(QUESTION_TASKS)}")
         if placement not in PLACEMENTS:
             raise ChelseaError(f"placement must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
+        if task in REAL_TASKS:
+            return self._real_sample(task, length, placement, index)
         guess = length - 120  # the cwe list's size; shrunk until the list fits
         while True:
             rng = random.Random(f"{self.seed}/{task}/{length}/{index}")
             spec = _spec(task, rng, self.words, index, guess, self.tokens_per_item)
-            if placement in ("after", "agnostic"):
+            if placement != "before":
                 user = f"{spec.instruction}\n\n{CONTEXT_MARK}\n\n{spec.question}"
                 head, tail = self.frame(user, spec.prefix_after)
             else:
@@ -263,7 +276,44 @@ class TaskBuilder:
             new_tokens += len(self.ids(spec.prefix_after)) + 8  # room to restate the question first
         assert len(ids) == length, (len(ids), length)
         return Sample(task, length, placement, index, ids, spec.answers, new_tokens, spec.depth,
-                      {"question": spec.question}, len(head) + len(context) if placement == "agnostic" else None)
+                      {"question": spec.question}, len(head) + len(context) if placement in ("agnostic", "streamed") else None)
+
+    INSTRUCTIONS = {"qa": "Read the following text and answer the question about it.",
+                    "code": "Read the following Python source code and answer the question about it."}
+
+    def _real_sample(self, task: str, length: int, placement: str, index: int) -> Sample:
+        """A ``qa`` or ``code`` sample: a window of real text around the target's line."""
+        from . import real_tasks
+
+        fact = real_tasks.target(task, index, self.seed)
+        if placement == "before":
+            head, tail = self.frame(f"{self.INSTRUCTIONS[task]} {fact.question}\n\n{CONTEXT_MARK}", fact.prefix)
+        else:
+            head, tail = self.frame(f"{self.INSTRUCTIONS[task]}\n\n{CONTEXT_MARK}\n\n{fact.question}", fact.prefix)
+        budget = length - len(head) - len(tail)
+        if task not in self._sources:
+            self._sources[task] = {}
+        if fact not in self._sources[task]:
+            self._sources[task][fact] = real_tasks.source_ids(task, fact, self.essays, self.ids, self.seed)
+        source, anchor = self._sources[task][fact]
+        context = real_tasks.window(source, anchor, budget, random.Random(f"{self.seed}/{task}/{length}/{index}"))
+        ids = head + context + tail
+        assert len(ids) == length, (len(ids), length)
+        return Sample(task, length, placement, index, ids, list(fact.answers), 24, None, {"question": fact.question},
+                      len(head) + len(context) if placement in ("agnostic", "streamed") else None)
+
+    def closed_book(self, task: str, index: int) -> Sample:
+        """Sample ``index``'s question without its context: what a model knows without reading."""
+        from . import real_tasks
+
+        fact = real_tasks.target(task, index, self.seed)
+        head, tail = self.frame(f"Answer the question.\n\n{CONTEXT_MARK}\n\n{fact.question}", fact.prefix)
+        return Sample(task, len(head) + len(tail), "closed", index, head + tail, list(fact.answers), 24)
+
+    @cached_property
+    def essays(self) -> dict[str, str]:
+        """The evaluation essays by file name (what ``qa`` reads)."""
+        return {p.name: p.read_text(encoding="utf-8") for p in evaluation_files(self.folder)}
 
     def _context(self, spec: _Spec, budget: int, rng: random.Random, body: list[int]) -> list[int]:
         """Exactly ``budget`` ids: background with the facts inserted at sentence ends, or the

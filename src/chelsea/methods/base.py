@@ -132,17 +132,31 @@ def get_method(method: str | Method | None = None, **settings) -> Method:
 
 def configure(name: str, settings: dict) -> Method:
     """The method ``name`` with those of ``settings`` (names to values) that it has; the rest are
-    left to other methods (see :func:`check_settings_known`)."""
+    left to other methods (see :func:`check_settings_known`). A name qualified by a method,
+    ``chelsea.importance``, goes to that method only, and wins over the plain name."""
     if name not in METHODS:
         raise ChelseaError(f"method must be one of {', '.join(('full', *METHODS))}; got {name!r}")
     known = {n for n, _, _ in METHODS[name].settings()}
-    return get_method(name, **{k: v for k, v in settings.items() if k in known})
+    plain = {k: v for k, v in settings.items() if "." not in k and k in known}
+    own = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith(f"{name}.")}
+    unknown = sorted(set(own) - known)
+    if unknown:
+        raise ChelseaError(f"{', '.join(f'{name}.{k}' for k in unknown)} is not a setting of {name} "
+                           f"(`chelsea methods {name}` lists its settings)")
+    return get_method(name, **{**plain, **own})
 
 
 def check_settings_known(names, settings: dict) -> None:
-    """Raise when a setting in ``settings`` belongs to none of the methods ``names``."""
+    """Raise when a setting in ``settings`` belongs to none of the methods ``names`` (or, qualified
+    as ``method.setting``, names a method not among them or a setting it lacks)."""
     known = {n for name in names if name in METHODS for n, _, _ in METHODS[name].settings()}
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(k for k in settings if "." not in k and k not in known)
     if unknown:
         raise ChelseaError(f"{', '.join(unknown)} is not a setting of {', '.join(names) or 'these methods'} "
                            "(`chelsea methods` lists each method's settings)")
+    for key in settings:
+        if "." in key:
+            method, name = key.split(".", 1)
+            if method not in names:
+                raise ChelseaError(f"{key}: {method!r} is not among the methods run here ({', '.join(names) or 'none'})")
+            configure(method, {key: settings[key]})

@@ -39,9 +39,18 @@ def load_with_tokenizer(name: str, tokenizer: str | None = None):
     if name in PRESETS:
         if not tokenizer:
             raise ChelseaError(f"the preset {name} has no tokenizer: pass a tokenizer folder (--tokenizer DIR)")
-        return load_preset_or_model(name), AutoTokenizer.from_pretrained(tokenizer)
+        words = AutoTokenizer.from_pretrained(tokenizer)
+        return fit_vocabulary(load_preset_or_model(name), words), words
     model, own = load_model(name)
     return model, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else own
+
+
+def fit_vocabulary(model, tokenizer):
+    """A preset (random weights) paired with another family's tokenizer: its vocabulary widened to
+    the tokenizer's ids when they reach beyond it, so prompts the tokenizer writes can be read."""
+    if len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
 
 
 def load_preset_or_model(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):

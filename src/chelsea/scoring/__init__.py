@@ -11,8 +11,9 @@ calibration on planted facts (:mod:`.fact_heads`, :mod:`.calibration`), uneven l
 from . import observers  # noqa: F401  (registers the score observers with the cache)
 from .context import compress_context
 from .fact_heads import FactHeads, find_fact_heads
+from .learned import LearnedScorer, find_learned, train_learned
 from .reconstruction import Reconstruction, output_gram, output_grams, repeat_prompts, score_by_reconstruction
 from .surprisal import token_surprisal
 
-__all__ = ["FactHeads", "Reconstruction", "compress_context", "find_fact_heads", "output_gram", "output_grams",
+__all__ = ["FactHeads", "LearnedScorer", "Reconstruction", "compress_context", "find_fact_heads", "find_learned", "train_learned", "output_gram", "output_grams",
            "repeat_prompts", "score_by_reconstruction", "token_surprisal"]

@@ -13,7 +13,7 @@ import random
 import torch
 
 from ..errors import ChelseaError
-from ..haystack import chat_frame, find_haystack, haystack_text
+from ..haystack import calibration_files, chat_frame, find_haystack, haystack_text
 
 CALIBRATION_LENGTH = 1024
 CALIBRATION_PROMPTS = 3
@@ -47,7 +47,7 @@ def calibration_prompts(tokenizer, *, prompts: int = CALIBRATION_PROMPTS, length
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    hay = ids(haystack_text(folder))
+    hay = ids(haystack_text(folder, calibration_files(folder)))
     head = ids(chat_frame(tokenizer)[0])
     rng = random.Random(f"fact-heads/{seed}")
     rows, where = [], []
@@ -72,3 +72,52 @@ def calibration_prompts(tokenizer, *, prompts: int = CALIBRATION_PROMPTS, length
         rows.append(out)
         where.append(positions)
     return torch.tensor(rows), where
+
+
+TRAINING_PROMPTS = 16  # prompts the learned scorer is fitted on (half essays, half code-like text)
+TRAINING_LENGTH = 2048
+_SYLLABLES = ("ka", "ri", "mo", "zen", "tal", "vek", "dor", "pli", "sun", "gra", "fel", "nox", "tir", "bam", "qua", "lem")
+
+
+def _word(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(parts))
+
+
+def _code_lines(rng: random.Random, count: int) -> str:
+    """Code-like text of ``count`` statements: constants (the planted facts: numbers and codes),
+    functions with a docstring, assignments and comments, every name made of random syllables."""
+    lines = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.3:
+            value = rng.choice([str(rng.randint(100, 99999)), f'"{_code(rng)}"', f"0x{rng.randint(16, 65535):X}"])
+            lines.append(f"{_word(rng, 2).upper()}_{_word(rng, 2).upper()} = {value}")
+        elif kind < 0.55:
+            args = ", ".join(_word(rng, 2) for _ in range(rng.randint(0, 3)))
+            lines += [f"def {_word(rng, 2)}_{_word(rng, 2)}({args}):",
+                      f'    """{" ".join(_word(rng, 2) for _ in range(rng.randint(4, 9))).capitalize()}."""',
+                      f"    return {_word(rng, 2)}({args})", ""]
+        elif kind < 0.85:
+            lines.append(f"{_word(rng, 2)} = {_word(rng, 2)}.{_word(rng, 3)}({rng.randint(0, 9)})")
+        else:
+            lines.append("# " + " ".join(_word(rng, 2) for _ in range(rng.randint(3, 10))))
+    return "\n".join(lines)
+
+
+def training_prompts(tokenizer, *, count: int = TRAINING_PROMPTS, length: int = TRAINING_LENGTH, seed: int = 0) -> torch.Tensor:
+    """``[count, length]`` prompts the learned scorer is fitted on: essays of the calibration set
+    with planted codes (:func:`calibration_prompts`) and code-like text with planted constants,
+    alternately; seeded."""
+    rows = []
+    head = tokenizer(chat_frame(tokenizer)[0], add_special_tokens=False).input_ids
+    for i in range(count):
+        if i % 2 == 0:
+            ids, _ = calibration_prompts(tokenizer, prompts=1, length=length, codes=max(2, length // 160), seed=1000 + seed * count + i)
+            rows.append(ids[0])
+            continue
+        rng = random.Random(f"learned/{seed}/{i}")
+        body = tokenizer(_code_lines(rng, length // 4), add_special_tokens=False).input_ids
+        rows.append(torch.tensor((head + body)[:length]))
+        if len(rows[-1]) < length:
+            raise ChelseaError(f"the code-like training text is shorter than {length} tokens")
+    return torch.stack(rows)

@@ -14,6 +14,8 @@ and no surprisal is computed. Every other method compresses as in any prefill.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..compat import cache_arg
@@ -36,22 +38,29 @@ def _repeat_layers(cache, heads: FactHeads | None, imp, calibrated: bool) -> tup
     return depth, scored
 
 
-def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
-                     reconstruct: str | None = "config", chunk_size: int | None = None, question: bool = False) -> torch.Tensor:
-    """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
+@dataclass
+class ContextScores:
+    """What :func:`score_context` leaves for the compression: the last position's logits and how
+    the budget is to be split and ranked."""
 
-    ``reconstruct``: the reconstruction view, ``"local"`` or ``"full"`` (``None`` keeps the
-    prompt's own last-query scores; by default the method's ``importance`` setting).
-    ``question``: ``input_ids`` end with the question (a prompt compressed whole): each entry's
-    score is also at least the largest attention the prompt's last queries give it, so what the
-    question reads is kept too. ``chunk_size``: tokens repeated per chunk (by default the
-    method's ``repeat_chunk``). Returns the last position's logits ``[batch, 1, vocab]``.
-    Continue with ``model.generate(input_ids=<context + question>, past_key_values=cache, ...)``.
-    """
-    forward = dict(attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-    if getattr(cache, "method", None) is None or cache.method.scores != "importance":
-        return model(input_ids, **forward, **cache_arg(model, cache)).logits
+    logits: torch.Tensor
+    heads: FactHeads | None = None  # rank every layer by these fact heads' agreement
+    fact_weight: float = 0.0
+    profile: torch.Tensor | None = None  # split the budget by this calibrated profile
+    even: frozenset[int] = frozenset()  # layers that keep an even share (scored otherwise than the rest)
+    learned: object = None  # the learned scorer's fact terms to add after the split (``importance="learned"``)
+
+
+def score_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
+                  reconstruct: str | None = "config", chunk_size: int | None = None, question: bool = False) -> ContextScores:
+    """Prefill ``input_ids`` into ``cache`` (an importance-ranked method's) with compression held
+    back and leave every entry's score in the layers (before the fact heads' ranking); see
+    :func:`compress_context`, which continues from here."""
     imp = cache.method.scoring
+    if imp.importance == "learned":
+        from .learned import score_learned
+
+        return score_learned(model, cache, input_ids, tokenizer, attention_mask=attention_mask, question=question)
     view = (imp.importance if imp.importance in VIEWS else None) if reconstruct == "config" else reconstruct
     if view is not None and tokenizer is None:
         raise ChelseaError("context reconstruction needs the tokenizer (to write the repeat prompt)")
@@ -66,7 +75,7 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
         if surprise_weight > 0:
             logits, surprise = prefill_with_surprisal(model, cache, input_ids, attention_mask)
         else:
-            logits = model(input_ids, **forward, **cache_arg(model, cache)).logits
+            logits = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits
         if view is not None:
             depth, scored = _repeat_layers(cache, heads, imp, profile is not None)
             score_by_reconstruction(model, cache, input_ids, tokenizer, chunk_size=chunk_size or imp.repeat_chunk, view=view,
@@ -78,12 +87,33 @@ def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, a
             bonus = surprisal_bonus(surprise, surprise_weight)
             for layer in cache.layers:
                 layer.scores.add_(bonus[:, None, :].to(layer.scores.device))
-    for layer in cache.layers:  # these scores read the whole context: later forwards only score theirs
-        layer.rescore = False
     every = range(len(cache.layers))
     even = frozenset(i for i in every if i not in scored) if scored is not None else frozenset(every[depth or len(every):])
-    split_budgets(cache, imp.layer_floor, even, profile)
-    if heads is not None:
-        rank_by_fact_heads(cache, heads, imp.fact_weight)
+    return ContextScores(logits, heads, imp.fact_weight if heads is not None else 0.0, profile, even)
+
+
+def compress_context(model, cache, input_ids: torch.Tensor, tokenizer=None, *, attention_mask: torch.Tensor | None = None,
+                     reconstruct: str | None = "config", chunk_size: int | None = None, question: bool = False) -> torch.Tensor:
+    """Prefill ``input_ids`` into ``cache`` and compress it once, for a question that comes later.
+
+    ``reconstruct``: the reconstruction view, ``"local"`` or ``"full"`` (``None`` keeps the
+    prompt's own last-query scores; by default the method's ``importance`` setting).
+    ``question``: ``input_ids`` end with the question (a prompt compressed whole): each entry's
+    score is also at least the largest attention the prompt's last queries give it, so what the
+    question reads is kept too. ``chunk_size``: tokens repeated per chunk (by default the
+    method's ``repeat_chunk``). Returns the last position's logits ``[batch, 1, vocab]``.
+    Continue with ``model.generate(input_ids=<context + question>, past_key_values=cache, ...)``.
+    """
+    if getattr(cache, "method", None) is None or cache.method.scores != "importance":
+        return model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits
+    scores = score_context(model, cache, input_ids, tokenizer, attention_mask=attention_mask, reconstruct=reconstruct,
+                           chunk_size=chunk_size, question=question)
+    for layer in cache.layers:  # these scores read the whole context: later forwards only score theirs
+        layer.rescore = False
+    split_budgets(cache, cache.method.scoring.layer_floor, scores.even, scores.profile)
+    if scores.heads is not None:
+        rank_by_fact_heads(cache, scores.heads, scores.fact_weight)
+    if scores.learned is not None:
+        scores.learned()
     cache.compress_all()
-    return logits
+    return scores.logits

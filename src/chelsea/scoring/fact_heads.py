@@ -34,7 +34,7 @@ from .calibration import CALIBRATION_LENGTH, CODES_PER_PROMPT, calibration_promp
 from .reconstruction import VIEWS, score_by_reconstruction
 from .store import stored_path
 
-CALIBRATION_VERSION = 2  # raise when the calibration changes, so stored fact heads are not reused
+CALIBRATION_VERSION = 3  # raise when the calibration changes, so stored fact heads are not reused
 TOP_SHARE = 0.1  # a head "finds" a token when it is within the top 10% of the head's region
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,9 @@
 - :class:`AttentionMass` (methods with ``scores="attention"``: H2O, SnapKV): every forward adds
   the attention each entry receives, from a prompt's last ``observation_window`` queries (all of
   them when ``None``) and from every decoded query.
-- :class:`LastQueries` (methods with ``scores="importance"``: kvzip, chelsea): a forward of several
+- :class:`LastQueries` (methods with ``scores="importance"``: kvzip, chelsea), unless the method's
+  ``importance`` is ``"learned"`` and the model has its learned scorer (:mod:`.learned`), which then
+  scores every new entry, decoded tokens included. Otherwise a forward of several
   tokens scores entries by the attention of its last :data:`OBSERVATION_WINDOW` queries: their sum,
   or, when the prompt ends with the question (``layer.question``), their largest attention (a
   probability, comparable with the reconstruction scores). It is the fallback when no scoring pass
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from ..cache import ScoreObserver, provide
 from .attention_scores import attention_mass, largest_attention_received
+from .learned import learned_scorer
 
 OBSERVATION_WINDOW = 32
 
@@ -27,7 +30,7 @@ class AttentionMass(ScoreObserver):
     def __init__(self, method):
         self.window = method.observation_window
 
-    def observe(self, layer, query, key, log_counts, scale, scores, module=None):
+    def observe(self, layer, query, key, value, log_counts, scale, scores, module=None):
         last = self.window if layer.new_tokens > 1 else None
         scores.add_(attention_mass(query, key, log_counts, scale=scale, last=last))
 
@@ -38,7 +41,9 @@ class LastQueries(ScoreObserver):
     def __init__(self, method=None):
         pass
 
-    def observe(self, layer, query, key, log_counts, scale, scores, module=None):
+    def observe(self, layer, query, key, value, log_counts, scale, scores, module=None):
+        if learned_scorer(module, layer) is not None:  # the learned scorer scores the new entries at the forward's end
+            return
         new = layer.new_tokens
         if new <= 1:  # decoded tokens start at 0
             return

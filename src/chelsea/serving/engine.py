@@ -24,9 +24,9 @@ import time
 import torch
 
 from ..errors import ChelseaError
-from ..methods import get_method, method_names
+from ..methods import check_settings_known, configure, method_names
 from ..runtime import use_method
-from ..scoring import find_fact_heads
+from ..scoring import find_fact_heads, find_learned
 from ..settings import CompressionConfig
 from .decoder import Decoder, Row
 from .documents import DocumentStore
@@ -59,11 +59,14 @@ class Engine(PrefillWorker):
     ADMIT_ROWS = 8  # questions on one document started in one forward at most
 
     def __init__(self, model, tokenizer, *, method: str = "chelsea", ratio: float = 0.8, max_queue: int = 16,
-                 reuse_bytes: int = 8 << 30, max_tokens_limit: int = 1024, max_batch: int = 16, kv_budget: int | None = None):
+                 reuse_bytes: int = 8 << 30, max_tokens_limit: int = 1024, max_batch: int = 16, kv_budget: int | None = None,
+                 settings: dict | None = None):
         if max_batch < 1:
             raise ChelseaError(f"max_batch must be at least 1; got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.method, self.ratio = method, ratio
+        self.method_settings = dict(settings or {})
+        check_settings_known(servable_methods(), self.method_settings)
         self.prompts = PromptBuilder(tokenizer)
         self.scheduler = Scheduler(model, max_queue=max_queue, max_batch=max_batch, kv_budget=kv_budget,
                                    max_tokens_limit=max_tokens_limit)
@@ -147,12 +150,23 @@ class Engine(PrefillWorker):
     def prepare(self, method: str | None = None) -> bool:
         """Do the once-per-model work of ``method`` (default: the server's) now: the fact-head
         calibration of ``chelsea`` (stored for later runs). Returns whether there was any."""
-        chosen = get_method(method or self.method) if (method or self.method) != "full" else None
-        if chosen is None or chosen.scores != "importance" or not chosen.scoring.fact_weight:
+        name = method or self.method
+        chosen = self.configured(name) if name != "full" else None
+        if chosen is None or chosen.scores != "importance":
             return False
+        cache = self._new_cache(name, self.ratio)
         with torch.inference_mode():
-            find_fact_heads(self.model, self.tokenizer, self._new_cache(chosen.name, self.ratio))
+            if chosen.scoring.importance == "learned":
+                find_learned(self.model, self.tokenizer, cache)
+            elif chosen.scoring.fact_weight:
+                find_fact_heads(self.model, self.tokenizer, cache)
+            else:
+                return False
         return True
+
+    def configured(self, method: str):
+        """The registered method ``method`` with the server's settings (``--set``) applied."""
+        return configure(method, self.method_settings)
 
     @property
     def running(self) -> int:

@@ -61,7 +61,7 @@ class PrefillWorker:
                         self.finish(job, err)
 
     def _new_cache(self, method: str, ratio: float) -> ClusteredCache:
-        return ClusteredCache(Scheduler.config(method, ratio), method=get_method("chelsea-paper" if method == "full" else method))
+        return ClusteredCache(Scheduler.config(method, ratio), method=get_method("chelsea-paper") if method == "full" else self.configured(method))
 
     def _prefill(self, cache, ids: list[int], question: bool) -> torch.Tensor:
         """Prefill and compress (scored first for importance-ranked methods); ``question``: the

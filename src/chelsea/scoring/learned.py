@@ -1,0 +1,298 @@
+"""A learned scorer: per layer, a linear model that predicts ``chelsea``'s reconstruction scores
+from what the layer already computes, so scoring costs a matrix product instead of a second pass.
+
+After KVzap (arXiv 2601.07891), which fits such models to KVzip's scores, but fitted to this
+project's own verdict: the teacher is ``chelsea`` with context reconstruction (every layer's
+scores, each token's surprisal added) and the fact heads' agreement (:mod:`.fact_heads`).
+
+Per layer, from each entry's **value** and the norms of its **key's rotary pairs** (dimensions
+``i`` and ``i + d/2``, which RoPE rotates together: their norm does not depend on the position),
+of every KV head of the layer, one linear map predicts
+
+- each KV head's score (its logarithm): what splits the budget over layers, and
+- the fact heads' agreement on the token (a percentile in [0, 1]).
+
+An entry's score is ``exp(predicted log-score) + fact_weight * predicted agreement``: absolute, so
+an entry of the prompt and a token decoded later rank on one scale. Every new entry gets its score
+in the forward that writes it (decoded tokens, chat turns, streamed chunks), through the layers'
+observers (:func:`learned_scorer`); :func:`score_learned` scores a whole context for
+:func:`chelsea.scoring.compress_context` without any extra forward.
+
+The fit is ridge regression in closed form over the teacher's scores on :data:`~.calibration.
+TRAINING_PROMPTS` prompts (essays of the calibration set with planted codes, and code-like text:
+:func:`.calibration.training_prompts`), deterministic for a seed; two more prompts are held out to
+measure how well the predicted ranking agrees with the teacher's. It runs once per model and
+settings, on first use or with ``chelsea calibrate``, and is stored like the fact heads
+(:mod:`.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import ClusteredCache
+from ..errors import ChelseaError
+from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
+from .fact_heads import consensus, find_fact_heads, lend_ranks
+from .store import stored_path
+
+LEARNED_VERSION = 1  # raise when the fit changes, so stored scorers are not reused
+HELD_OUT = 2
+TOP_SHARE = 0.2  # the metrics' kept share: what 80% removed keeps
+log = logging.getLogger(__name__)
+
+
+def features(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[batch, n, F + 1]`` float32: per entry, every KV head's value and rotary-pair key norms, and a 1."""
+    half = keys.shape[-1] // 2
+    k = keys.float()
+    pairs = (k[..., :half].square() + k[..., half : 2 * half].square()).sqrt()
+    x = torch.cat([values.float(), pairs], dim=-1)  # [batch, kv, n, d_v + d/2]
+    x = x.permute(0, 2, 1, 3).flatten(2)
+    return torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=-1)
+
+
+def learned_key(config, method) -> tuple:
+    """What a learned scorer depends on: the teacher's settings (and the fit's version)."""
+    imp = method.scoring
+    return (LEARNED_VERSION, imp.output_norm, config.sink_tokens, config.window, imp.fact_heads, imp.fact_layers,
+            imp.surprise_weight, imp.repeat_chunk)
+
+
+@dataclass
+class LearnedScorer:
+    """The fitted maps, one per cache layer (``[F + 1, kv_heads + 1]``), and how well they did."""
+
+    weights: list[torch.Tensor]
+    metrics: dict = field(default_factory=dict)
+
+    def predict(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [batch, kv_heads, n], agreement [batch, n])`` of entries ``keys``/``values``."""
+        w = self.weights[layer]
+        if w.device != keys.device:
+            w = self.weights[layer] = w.to(keys.device)
+        y = features(keys, values) @ w
+        return y[..., :-1].clamp(max=1.0).exp().transpose(1, 2), y[..., -1]
+
+    def score_new(self, cache) -> None:
+        """Score the entries the last forward wrote, in every layer of ``cache``: each layer's own
+        predicted scores plus ``fact_weight`` times the agreement predicted by all layers together
+        (their mean). At the write slot when the layers are pinned (a CUDA graph's step)."""
+        layers = [(i, layer) for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.new_tokens]
+        if not layers:
+            return
+        predictions = []
+        for i, layer in layers:
+            if layer.pinned:
+                k, v = layer._key_buf.index_select(2, layer.slot), layer._value_buf.index_select(2, layer.slot)
+            else:
+                k, v = layer.keys[:, :, -layer.new_tokens :], layer.values[:, :, -layer.new_tokens :]
+            predictions.append(self.predict(i, k, v))
+        agreed = torch.stack([a.to(predictions[0][1].device) for _, a in predictions]).mean(0)
+        weight = cache.method.scoring.fact_weight
+        for (i, layer), (own, _) in zip(layers, predictions):
+            score = own + weight * agreed.to(own.device)[:, None, :]
+            if layer.pinned:
+                layer._score_buf.index_copy_(2, layer.slot, score)
+            else:
+                layer.scores[:, :, -layer.new_tokens :] = score
+
+    def to_dict(self) -> dict:
+        return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics}
+
+
+def learned_scorer(module, cache_layer) -> LearnedScorer | None:
+    """The learned scorer lent to attention ``module`` for ``cache_layer``'s settings, or ``None``
+    (its method does not ask for one, or the model was not calibrated yet)."""
+    method = cache_layer.method
+    if module is None or method.scores != "importance" or method.scoring.importance != "learned":
+        return None
+    table = getattr(module, "_chelsea_learned", None)
+    return None if not table else table.get(learned_key(cache_layer.config, method))
+
+
+def _attentions(model) -> dict[int, torch.nn.Module]:
+    return {m.layer_idx: m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")}
+
+
+def _scored_cache(model, kwargs):
+    """The cache of a decoder forward when its method is scored by a learned scorer lent to ``model``."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    method = getattr(cache, "method", None)
+    if method is None or method.scores != "importance" or method.scoring.importance != "learned":
+        return None, None
+    scorer = model.__dict__.get("_chelsea_learned", {}).get(learned_key(cache.config, method))
+    return cache, scorer
+
+
+@torch.compiler.disable
+def _before_forward(decoder, args, kwargs):
+    """Hold the cache's compression until the forward's end, when every layer's new entries have their scores."""
+    cache, scorer = _scored_cache(decoder, kwargs)
+    if scorer is not None:
+        cache._learned_held = cache._hold
+        cache._hold = True
+
+
+@torch.compiler.disable
+def _after_forward(decoder, args, kwargs, output):
+    cache, scorer = _scored_cache(decoder, kwargs)
+    if scorer is None or not hasattr(cache, "_learned_held"):
+        return
+    scorer.score_new(cache)
+    held = cache.__dict__.pop("_learned_held")
+    if not held:
+        cache._hold = False
+        for layer in cache.layers:
+            layer.hold = False
+        if not any(getattr(layer, "pinned", False) for layer in cache.layers):  # a graph's step compresses outside
+            cache.compress_due()
+
+
+def _lend(model, scorer: LearnedScorer, key) -> None:
+    """Lend ``scorer`` to ``model``: its attention modules (their layers' observers leave the new
+    entries to it) and its decoder, whose forwards then end by scoring every layer's new entries."""
+    for layer, module in _attentions(model).items():
+        if layer < len(scorer.weights):
+            module.__dict__.setdefault("_chelsea_learned", {})[key] = scorer
+    decoder = model.get_decoder()
+    decoder.__dict__.setdefault("_chelsea_learned", {})[key] = scorer
+    if not decoder.__dict__.get("_chelsea_learned_hooks"):
+        decoder.register_forward_pre_hook(_before_forward, with_kwargs=True)
+        decoder.register_forward_hook(_after_forward, with_kwargs=True)
+        decoder.__dict__["_chelsea_learned_hooks"] = True
+
+
+def find_learned(model, tokenizer, cache) -> LearnedScorer:
+    """The learned scorer of ``model`` for ``cache``'s settings: fitted on first use (the fact heads
+    too, if need be), remembered on the model, stored in the model cache folder, and lent to the
+    model's attention modules so that every later forward scores its new entries with it."""
+    key = learned_key(cache.config, cache.method)
+    memo = model.__dict__.setdefault("_chelsea_learned", {})
+    if key not in memo:
+        stored = stored_path(model, "learned", key, suffix="pt")
+        if stored is not None and stored.is_file():
+            try:
+                data = torch.load(stored, map_location="cpu", weights_only=True)
+                memo[key] = LearnedScorer([w.float() for w in data["weights"]], dict(data.get("metrics", {})))
+            except (OSError, RuntimeError, KeyError, ValueError):
+                pass  # a damaged file: fit again
+        if key not in memo:
+            memo[key] = train_learned(model, tokenizer, cache)
+            if stored is not None:
+                try:
+                    stored.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(memo[key].to_dict(), stored)
+                except OSError:
+                    pass  # a read-only cache folder: fit again next time
+    _lend(model, memo[key], key)
+    return memo[key]
+
+
+def train_learned(model, tokenizer, cache, *, prompts: int = TRAINING_PROMPTS, length: int = TRAINING_LENGTH,
+                  seed: int = 0, ridge: float = 1e-3) -> LearnedScorer:
+    """Fit the scorer for ``cache``'s method and settings on ``prompts`` training prompts (and
+    measure it on :data:`HELD_OUT` more); see the module doc."""
+    from .context import score_context  # the teacher (context imports this module lazily too)
+
+    if tokenizer is None:
+        raise ChelseaError("fitting the learned scorer needs the tokenizer (to write its prompts)")
+    start = time.perf_counter()
+    longest = getattr(model.config, "max_position_embeddings", None)
+    length = min(length, longest // 2) if isinstance(longest, int) else length
+    teacher = ClusteredCache(cache.config, method=cache.method.replace(importance="local", repeat_depth="all", score_layers="all",
+                                                                       layer_budgets="scores"))
+    heads = find_fact_heads(model, tokenizer, teacher)
+    ids = training_prompts(tokenizer, count=prompts + HELD_OUT, length=length, seed=seed).to(model.device)
+    sums: list[list[torch.Tensor]] = []
+    held = []
+    for row in tqdm(range(len(ids)), desc="fitting the learned scorer (once per model)", unit="prompt"):
+        probe = teacher.empty_like()
+        with torch.no_grad():
+            score_context(model, probe, ids[row : row + 1], tokenizer)
+        x, y, region = _examples(probe, heads)
+        if row >= prompts:
+            held.append((x, y, region))
+            continue
+        for i, (xi, yi) in enumerate(zip(x, y)):
+            xi64, yi64 = xi.double(), yi.double()
+            if len(sums) <= i:
+                sums.append([xi64.T @ xi64, xi64.T @ yi64])
+            else:
+                sums[i][0] += xi64.T @ xi64
+                sums[i][1] += xi64.T @ yi64
+    weights = []
+    for xtx, xty in sums:
+        reg = ridge * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
+        weights.append(torch.linalg.solve(xtx + reg, xty).float().cpu())
+    scorer = LearnedScorer(weights)
+    scorer.metrics = {**_agreement(scorer, held, cache.method.scoring.fact_weight), "seconds": round(time.perf_counter() - start, 2),
+                      "prompts": prompts, "length": length}
+    log.info("learned scorer fitted: %s", scorer.metrics)
+    return scorer
+
+
+def _examples(probe, heads):
+    """Per layer: features ``[n_region, F+1]``, targets ``[n_region, kv+1]`` (log-scores, agreement),
+    and the teacher's region scores ``[1, kv, n_region]``, of one scored prompt."""
+    cfg = probe.config
+    layers = [layer for layer in probe.layers if layer.is_initialized]
+    agreed = consensus([layer.scores for layer in layers], heads, cfg.sink_tokens, cfg.window)[0]  # [n_region]
+    xs, ys, regions = [], [], []
+    for layer in layers:
+        lo, hi = cfg.sink_tokens, layer.length - cfg.window
+        xs.append(features(layer.keys[:, :, lo:hi], layer.values[:, :, lo:hi])[0])
+        own = layer.scores[:, :, lo:hi]
+        ys.append(torch.cat([own[0].clamp_min(1e-6).log().T, agreed[:, None]], dim=-1))
+        regions.append(own.clone())
+    return xs, ys, (regions, agreed)
+
+
+def _agreement(scorer: LearnedScorer, held: list, fact_weight: float) -> dict:
+    """How the predicted ranking (as inference makes it: every layer's own scores, the agreement
+    of all layers together) agrees with the teacher's on the held-out prompts: Spearman's rank
+    correlation and the overlap of the top :data:`TOP_SHARE`, averaged over layers and KV heads."""
+    rhos, overlaps = [], []
+    for xs, _, (regions, agreed) in held:
+        ys = [x @ w.to(x.device) for x, w in zip(xs, scorer.weights)]
+        mean = torch.stack([y[:, -1] for y in ys]).mean(0)
+        for y, own in zip(ys, regions):
+            predicted = y[:, :-1].clamp(max=1.0).exp().T + fact_weight * mean[None]  # [kv, n]
+            teacher = lend_ranks(own, agreed[None], fact_weight)[0]
+            for a, b in zip(predicted, teacher):
+                ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+                rhos.append(float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]))
+                k = max(1, int(TOP_SHARE * len(a)))
+                overlaps.append(len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k)
+    return {"spearman": round(sum(rhos) / len(rhos), 4), "top_overlap": round(sum(overlaps) / len(overlaps), 4)}
+
+
+def score_learned(model, cache, input_ids: torch.Tensor, tokenizer, *, attention_mask=None, question: bool = False):
+    """:func:`chelsea.scoring.context.score_context` for ``importance="learned"``: one prefill, every
+    layer's predicted scores; the budget is split by them, then the fact term is added."""
+    from ..compat import cache_arg
+    from .context import ContextScores
+
+    scorer = find_learned(model, tokenizer, cache)
+    with cache.held(question=question), torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits
+    layers, agreements = [], []
+    for i, layer in enumerate(cache.layers):
+        if layer.is_initialized:
+            own, agreed = scorer.predict(i, layer.keys, layer.values)
+            layer.scores.copy_(own)
+            layers.append(layer)
+            agreements.append(agreed)
+    agreed = torch.stack([a.to(agreements[0].device) for a in agreements]).mean(0)  # every layer's prediction of one thing
+    weight = cache.method.scoring.fact_weight
+
+    def add_agreement() -> None:
+        for layer in layers:
+            layer.scores.add_(weight * agreed.to(layer.scores.device)[:, None, :])
+
+    return ContextScores(logits, learned=add_agreement)

@@ -1,0 +1,110 @@
+"""The learned scorer: a deterministic fit, the scores it gives prompt and decoded entries alike,
+its lending to the model, and where it is stored."""
+
+import pytest
+import torch
+from tiny import tiny_with_tokenizer
+
+from chelsea import ClusteredCache, compress_context
+from chelsea.compat import cache_arg
+from chelsea.runtime import GraphDecoder, use_method
+from chelsea.scoring import find_learned, train_learned
+from chelsea.scoring.learned import learned_key
+from chelsea.scoring.store import stored_path
+
+SMALL = dict(prompts=3, length=256)
+
+
+@pytest.fixture
+def learned(tmp_path, monkeypatch):
+    """A tiny model with a learned scorer fitted on three short prompts (stored under ``tmp_path``)."""
+    import chelsea.scoring.learned as module
+
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path))
+    real = module.train_learned
+    monkeypatch.setattr(module, "train_learned", lambda *a, **k: real(*a, **{**SMALL, **k}))
+    model, tokenizer = tiny_with_tokenizer(layers=3)
+    use_method(model, "chelsea")
+    cache = ClusteredCache(ratio=0.8, window=16, importance="learned")
+    scorer = find_learned(model, tokenizer, cache)
+    return model, tokenizer, cache, scorer
+
+
+def test_the_fit_is_deterministic_and_its_weights_have_one_map_per_layer(learned):
+    model, tokenizer, cache, scorer = learned
+    again = train_learned(model, tokenizer, cache, **SMALL)
+    assert len(scorer.weights) == 3 and all(torch.equal(a, b) for a, b in zip(scorer.weights, again.weights))
+    kv, dim = 2, 16  # the tiny model: 2 KV heads of 16 dimensions; features are values and rotary-pair norms
+    assert scorer.weights[0].shape == (kv * (dim + dim // 2) + 1, kv + 1)
+    assert {"spearman", "top_overlap", "seconds"} <= set(scorer.metrics)
+    other = train_learned(model, tokenizer, cache, seed=1, **SMALL)
+    assert not torch.equal(other.weights[0], scorer.weights[0])  # another seed, other prompts
+
+
+def test_prompt_and_decoded_entries_get_the_scorers_scores(learned):
+    """After compress_context and 20 decoded tokens, every stored entry's score is the scorer's
+    prediction for it (own score plus the fact weight times all layers' agreement), decoded ones
+    included, and the cache holds its budget (plus what one compression schedule adds)."""
+    model, tokenizer, cache, scorer = learned
+    ids = torch.randint(0, 1000, (1, 400), generator=torch.Generator().manual_seed(1))
+    compress_context(model, cache, ids, tokenizer)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.cat([ids, ids[:, :5]], 1), **cache_arg(model, cache), max_new_tokens=20,
+                             min_new_tokens=20, do_sample=False)
+    assert out.shape[1] == 425 and cache.layers[0].seen == 424
+    weight = cache.method.scoring.fact_weight
+    recent = 8  # the newest entries: never merged, so their keys and values are the tokens' own
+    predictions = [scorer.predict(i, layer.keys[:, :, -recent:], layer.values[:, :, -recent:]) for i, layer in enumerate(cache.layers)]
+    agreed = torch.stack([a for _, a in predictions]).mean(0)
+    for layer, (own, _) in zip(cache.layers, predictions):
+        torch.testing.assert_close(layer.scores[:, :, -recent:], own + weight * agreed[:, None, :], rtol=1e-4, atol=1e-4)
+        assert layer.length <= cache.config.budget(layer.seen) + layer.every + 1
+    stats = cache.stats()
+    assert stats["kv_bytes"] < 0.35 * stats["kv_bytes_full"]
+
+
+def test_pinned_steps_score_their_token_like_ordinary_steps(learned):
+    model, tokenizer, cache, scorer = learned
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(2))
+    other = cache.empty_like()
+    with torch.no_grad():
+        first = compress_context(model, cache, ids, tokenizer)[:, -1:].argmax(-1)
+        compress_context(model, other, ids, tokenizer)
+        token = first
+        for _ in range(12):
+            token = model(token, **cache_arg(model, other), use_cache=True).logits[:, -1:].argmax(-1)
+        with GraphDecoder(model, cache, first, cuda_graph=False) as decoder:
+            for _ in range(12):
+                decoder.step()
+    for mine, ref in zip(cache.layers, other.layers):
+        assert mine.length == ref.length
+        torch.testing.assert_close(mine.scores, ref.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fitted_scorer_is_stored_and_reused_and_other_weights_or_settings_fit_again(learned, monkeypatch):
+    import chelsea.scoring.learned as module
+
+    model, tokenizer, cache, scorer = learned
+    path = stored_path(model, "learned", learned_key(cache.config, cache.method), suffix="pt")
+    assert path.is_file()
+    twin, _ = tiny_with_tokenizer(layers=3)  # the same weights, as a new process would load them
+    monkeypatch.setattr(module, "train_learned", lambda *a, **k: pytest.fail("fitted again"))
+    found = find_learned(twin, tokenizer, cache)
+    assert all(torch.equal(a, b) for a, b in zip(found.weights, scorer.weights))
+    other_settings = ClusteredCache(ratio=0.8, window=32, importance="learned")
+    assert stored_path(model, "learned", learned_key(other_settings.config, other_settings.method), suffix="pt") != path
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.v_proj.weight.mul_(2.0)
+    assert stored_path(twin, "learned", learned_key(cache.config, cache.method), suffix="pt") != path
+
+
+def test_without_its_scorer_a_learned_cache_ranks_by_the_last_queries(learned):
+    """A model that was never calibrated (a plain generate with a bare cache) still runs: the last
+    queries score the entries, as for the other importance sources."""
+    _, _, _, _ = learned
+    model, _ = tiny_with_tokenizer(layers=2)
+    use_method(model, "chelsea")
+    cache = ClusteredCache(ratio=0.8, window=16, importance="learned")
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 200)), **cache_arg(model, cache), use_cache=True)
+    assert cache.stats()["compressed"] and float(cache.layers[0].scores.max()) > 0
