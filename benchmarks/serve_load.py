@@ -198,18 +198,17 @@ def main() -> None:
     for run in range(args.repeats):
         for method in args.methods.split(","):
             rows += measure_method(engine, method, args, docs, questions, rehearse=run == 0, run=run)
+            save(args, rows)  # what is measured so far survives a run cut short
+    print_table(rows)
+    engine.close()
 
+
+def save(args, rows: list[dict]) -> None:
+    """Each row against the full cache's of the same run and scenario; written to ``--out``."""
     for r in rows:
         full = next((f for f in rows if f["method"] == "full" and f["scenario"] == r["scenario"] and f["run"] == r["run"]), None)
         if full:
             r["requests_per_s_vs_full"] = round(r["requests_per_s"] / full["requests_per_s"], 2)
-    columns = ["run", "method", "scenario", "requests", "requests_per_s", "requests_per_s_vs_full", "tokens_per_s", "ttft_p50_s",
-               "ttft_p90_s", "peak_batch", "peak_running_kv_gib", "peak_gpu_gib"]
-    widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(str(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
-    engine.close()
     if args.out:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         meta = {"date": datetime.date.today().isoformat(), "device": device, "model": args.model, "torch": torch.__version__,
@@ -217,6 +216,15 @@ def main() -> None:
                                                                           if v not in (None, []) and k != "out")}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["run", "method", "scenario", "requests", "requests_per_s", "requests_per_s_vs_full", "tokens_per_s", "ttft_p50_s",
+               "ttft_p90_s", "peak_batch", "peak_running_kv_gib", "peak_gpu_gib"]
+    widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
 
 
 if __name__ == "__main__":

@@ -124,3 +124,23 @@ def test_key_similarity_properties():
     twins = torch.randn(1, 32, 16, generator=g).repeat_interleave(2, dim=1)
     scores = best_match_similarity(twins, chunk_size=8)
     assert abs(scores["alternating"] - 1.0) < 1e-5 and scores["halves"] < 0.9
+
+
+def test_the_pareto_points_count_bytes_kept_and_average_the_question_tasks(tmp_path):
+    from chelsea.evaluation.report import pareto_points, plot_pareto
+
+    def row(task, method, ratio, score, fraction):
+        return {"task": task, "placement": "after", "length": 1024, "method": method, "ratio": ratio, "score": score,
+                "kv_fraction": fraction}
+
+    rows = [row("needle", "full", 0.0, 1.0, 1.0), row("code", "full", 0.0, 0.5, 1.0),
+            row("needle", "chelsea", 0.8, 1.0, 0.21), row("code", "chelsea", 0.8, 0.0, 0.19),
+            row("needle", "chelsea", 0.9, 0.0, 0.1), row("code", "chelsea", 0.9, 0.0, 0.1),
+            row("needle", "masking-peer", 0.8, 1.0, 1.0)]
+    summary = summarise(rows)
+    points = pareto_points(summary)["after"]
+    assert points["full"] == [(1.0, 0.75)]
+    assert points["chelsea"] == [(0.1, 0.0), (0.2, 0.5)]  # sorted by bytes, the tasks averaged
+    assert points["masking-peer"] == [(1.0, 1.0)]  # a peer that only masks keeps the full cache's bytes
+    plot_pareto(summary, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000

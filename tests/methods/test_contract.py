@@ -118,3 +118,21 @@ def test_a_new_method_is_known_everywhere_by_its_registration():
             ClusteredCache(method="keep-first", every=0)
     finally:
         del METHODS["keep-first"]
+
+
+def test_a_setting_named_for_one_method_goes_to_it_alone_and_wins_over_the_plain_name():
+    from chelsea.cli.options import parse_settings
+    from chelsea.methods import check_settings_known, configure
+
+    settings = parse_settings(["exact_share=0.6", "chelsea.exact_share=0.7", "chelsea.importance=learned"])
+    assert settings == {"exact_share": 0.6, "chelsea.exact_share": 0.7, "chelsea.importance": "learned"}
+    chosen = configure("chelsea", settings)
+    assert chosen.exact_share == 0.7 and chosen.scoring.importance == "learned"
+    assert configure("kvzip", settings).scoring.importance == "local"  # kvzip has importance, but was not named
+    check_settings_known(["chelsea", "kvzip"], settings)
+    with pytest.raises(ChelseaError, match="not among the methods"):
+        check_settings_known(["kvzip"], {"chelsea.importance": "learned"})
+    with pytest.raises(ChelseaError, match="chelsea.chunk_size is not a setting of chelsea"):
+        configure("chelsea", {"chelsea.chunk_size": 8})
+    with pytest.raises(ChelseaError, match="'nope' is not a method"):
+        parse_settings(["nope.ratio=0.5"])

@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chelsea import ChelseaError
 from chelsea.serving import Engine, Job, ServeError
 from chelsea.serving.app import create_app
 
@@ -356,3 +357,17 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
         assert httpx.get(f"{base}/health").status_code == 200
     finally:
         engine.model.forward = forward
+
+
+def test_the_servers_method_settings_shape_every_cache_it_makes(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(ChelseaError, match="chunk_sizes is not a setting"):
+        Engine(model, tokenizer, settings={"chunk_sizes": 3})
+    engine = Engine(model, tokenizer, method="chelsea", ratio=0.5, settings={"chelsea.exact_share": 0.9, "chunk_size": 8})
+    try:
+        assert engine._new_cache("chelsea", 0.5).method.exact_share == 0.9
+        assert engine._new_cache("chelsea-paper", 0.5).method.chunk_size == 8
+        assert engine._new_cache("kvzip", 0.5).method.name == "kvzip"
+    finally:
+        engine.close()

@@ -186,6 +186,42 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def pareto_points(summary: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per placement and method: ``(KV bytes kept as a fraction of the full cache's, mean score)``
+    at each ratio, over the question tasks, sorted by bytes. Bytes, not the ratio: a merged entry
+    costs what a kept one does, and a method that only masks keeps the full cache's bytes."""
+    cells = defaultdict(list)
+    for e in summary:
+        if e["task"] != "ppl" and e.get("kv_fraction") is not None and e.get("score") is not None:
+            cells[(e["placement"], e["method"], e["ratio"])].append(e)
+    points: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for (placement, method, _), entries in cells.items():
+        fraction = sum(e["kv_fraction"] for e in entries) / len(entries)
+        points[placement][method].append((round(fraction, 4), sum(e["score"] for e in entries) / len(entries)))
+    return {p: {m: sorted(v) for m, v in by_method.items()} for p, by_method in points.items()}
+
+
+def plot_pareto(summary: list[dict], path: Path) -> None:
+    """Accuracy against KV bytes kept, one line per method, a panel per placement."""
+    plt = _plt()
+    points = pareto_points(summary)
+    fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 3.4), squeeze=False)
+    for ax, (placement, by_method) in zip(axes.flat, sorted(points.items())):
+        for method in sorted(by_method, key=_method_order):
+            xs, ys = zip(*by_method[method])
+            ax.plot(xs, ys, marker="o", label=method, **(dict(color="black") if method == "full" else {}))
+        ax.set_title(f"question {placement}" if placement != "-" else "all", fontsize=9)
+        ax.set_xlabel("KV bytes kept (fraction of the full cache)")
+        ax.set_ylabel("mean score over the question tasks")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_needle(rows: list[dict], out_dir: Path) -> list[Path]:
     """One heatmap figure per ratio (the full cache in each), panels per method and placement."""
     plt = _plt()
@@ -238,6 +274,9 @@ def write_report(out_dir: Path, *, plots: bool = True) -> list[Path]:
     if plots and summary:
         plot_accuracy(summary, out_dir / "accuracy_vs_ratio.png")
         written.append(out_dir / "accuracy_vs_ratio.png")
+        if pareto_points(summary):
+            plot_pareto(summary, out_dir / "accuracy_vs_bytes.png")
+            written.append(out_dir / "accuracy_vs_bytes.png")
         written += plot_needle(rows, out_dir)
     return written
 

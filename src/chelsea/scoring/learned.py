@@ -70,6 +70,7 @@ class LearnedScorer:
 
     weights: list[torch.Tensor]
     metrics: dict = field(default_factory=dict)
+    _stacked: dict = field(default_factory=dict, repr=False, compare=False)
 
     def predict(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [batch, kv_heads, n], agreement [batch, n])`` of entries ``keys``/``values``."""
@@ -82,28 +83,47 @@ class LearnedScorer:
     def score_new(self, cache) -> None:
         """Score the entries the last forward wrote, in every layer of ``cache``: each layer's own
         predicted scores plus ``fact_weight`` times the agreement predicted by all layers together
-        (their mean). At the write slot when the layers are pinned (a CUDA graph's step)."""
+        (their mean). At the write slot when the layers are pinned (a CUDA graph's step). The
+        layers go through one batched product when they share a device and shape (a decoding step
+        then launches a few kernels per layer, not a dozen)."""
         layers = [(i, layer) for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.new_tokens]
         if not layers:
             return
-        predictions = []
-        for i, layer in layers:
-            if layer.pinned:
-                k, v = layer._key_buf.index_select(2, layer.slot), layer._value_buf.index_select(2, layer.slot)
-            else:
-                k, v = layer.keys[:, :, -layer.new_tokens :], layer.values[:, :, -layer.new_tokens :]
-            predictions.append(self.predict(i, k, v))
-        agreed = torch.stack([a.to(predictions[0][1].device) for _, a in predictions]).mean(0)
+        keys, values = zip(*(_new_entries(layer) for _, layer in layers))
+        if len({(k.device, k.shape, v.shape) for k, v in zip(keys, values)}) == 1:
+            own, agreed = self._predict_stacked([i for i, _ in layers], torch.stack(keys), torch.stack(values))
+        else:  # layers spread over devices or shaped differently: one product each
+            predictions = [self.predict(i, k, v) for (i, _), k, v in zip(layers, keys, values)]
+            own = [p[0] for p in predictions]
+            agreed = torch.stack([p[1].to(predictions[0][1].device) for p in predictions]).mean(0)
         weight = cache.method.scoring.fact_weight
-        for (i, layer), (own, _) in zip(layers, predictions):
-            score = own + weight * agreed.to(own.device)[:, None, :]
+        for j, (_, layer) in enumerate(layers):
+            score = own[j] + weight * agreed.to(own[j].device)[:, None, :]
             if layer.pinned:
                 layer._score_buf.index_copy_(2, layer.slot, score)
             else:
                 layer.scores[:, :, -layer.new_tokens :] = score
 
+    def _predict_stacked(self, indices: list[int], keys: torch.Tensor, values: torch.Tensor):
+        """:meth:`predict` of several layers' entries ``[layers, batch, kv, n, d]`` at once:
+        ``(scores [layers, batch, kv, n], agreement averaged over the layers [batch, n])``."""
+        count, batch, _, n, _ = keys.shape
+        key = (tuple(indices), keys.device)
+        if self._stacked.get("key") != key:
+            self._stacked = {"key": key, "weights": torch.stack([self.weights[i] for i in indices]).to(keys.device)}
+        x = features(keys.flatten(0, 1), values.flatten(0, 1)).view(count, batch * n, -1)
+        y = torch.bmm(x, self._stacked["weights"]).view(count, batch, n, -1)
+        return y[..., :-1].clamp(max=1.0).exp().transpose(2, 3), y[..., -1].mean(0)
+
     def to_dict(self) -> dict:
         return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics}
+
+
+def _new_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values ``[batch, kv, n, d]`` the last forward wrote into ``layer``."""
+    if layer.pinned:
+        return layer._key_buf.index_select(2, layer.slot), layer._value_buf.index_select(2, layer.slot)
+    return layer.keys[:, :, -layer.new_tokens :], layer.values[:, :, -layer.new_tokens :]
 
 
 def learned_scorer(module, cache_layer) -> LearnedScorer | None:
