@@ -126,11 +126,15 @@ def _new_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys[:, :, -layer.new_tokens :], layer.values[:, :, -layer.new_tokens :]
 
 
+def _asks_learned(method) -> bool:
+    return method.scores == "importance" and method.scoring.importance == "learned"
+
+
 def learned_scorer(module, cache_layer) -> LearnedScorer | None:
     """The learned scorer lent to attention ``module`` for ``cache_layer``'s settings, or ``None``
     (its method does not ask for one, or the model was not calibrated yet)."""
     method = cache_layer.method
-    if module is None or method.scores != "importance" or method.scoring.importance != "learned":
+    if module is None or not _asks_learned(method):
         return None
     table = getattr(module, "_chelsea_learned", None)
     return None if not table else table.get(learned_key(cache_layer.config, method))
@@ -144,7 +148,7 @@ def _scored_cache(model, kwargs):
     """The cache of a decoder forward when its method is scored by a learned scorer lent to ``model``."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     method = getattr(cache, "method", None)
-    if method is None or method.scores != "importance" or method.scoring.importance != "learned":
+    if method is None or not _asks_learned(method) or cache.__dict__.get("_learned_scored_whole"):
         return None, None
     scorer = model.__dict__.get("_chelsea_learned", {}).get(learned_key(cache.config, method))
     return cache, scorer
@@ -299,8 +303,12 @@ def score_learned(model, cache, input_ids: torch.Tensor, tokenizer, *, attention
     from .context import ContextScores
 
     scorer = find_learned(model, tokenizer, cache)
-    with cache.held(question=question), torch.no_grad():
-        logits = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits
+    cache.__dict__["_learned_scored_whole"] = True  # the hooks would score what is scored whole below
+    try:
+        with cache.held(question=question), torch.no_grad():
+            logits = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache_arg(model, cache)).logits
+    finally:
+        del cache.__dict__["_learned_scored_whole"]
     layers, agreements = [], []
     for i, layer in enumerate(cache.layers):
         if layer.is_initialized:
