@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import region_bounds
+from ..methods import concat_references, region_bounds
 
 GROUP_ENTRIES = 1 << 21  # (row, head, entry) triples compressed in one batch: bounds the similarity blocks' memory
 
@@ -23,6 +23,10 @@ def compress_together(layers: list) -> None:
     whose uneven budgets remove different numbers) batch too, after a prefill as well (all layers
     then hold the same entries), up to :data:`GROUP_ENTRIES` entries per batch; other whole-cache
     compressions run one layer at a time. Padded layers compress row by row (:func:`_padded_rows`).
+
+    A layer's reference queries (for a method that fits its merges to them) serve the first
+    whole-cache compression after they were taken and are then let go; decoding-time compressions
+    of a span, and padded rows, compress without them.
     """
     groups: dict[tuple, list[tuple]] = {}
     padded = []
@@ -46,7 +50,8 @@ def compress_together(layers: list) -> None:
         rowwise = layer.method.rowwise_remove
         if start or rowwise:
             shape = (*layer.keys.shape[:2], *layer.keys.shape[3:], layer.keys.dtype)
-            key = (layer.length - start, start > 0, None if rowwise else n_remove, shape, layer.config, layer.method)
+            refs = None if layer.references is None else (layer.references.queries.shape, layer.references.scale)
+            key = (layer.length - start, start > 0, None if rowwise else n_remove, shape, layer.config, layer.method, refs)
         else:
             key = (id(layer),)
         groups.setdefault(key, []).append((layer, start, n_remove))
@@ -57,6 +62,8 @@ def compress_together(layers: list) -> None:
             _dense_batch(group[i : i + per])
     if padded:
         _padded_rows(padded)
+    for layer in layers:
+        layer.references = None
 
 
 def _dense_batch(group: list[tuple]) -> None:
@@ -66,7 +73,9 @@ def _dense_batch(group: list[tuple]) -> None:
     parts = [[getattr(layer, name)[:, :, start : layer.length] for layer, start, _ in group] for name in first._buffers]
     removes = [n for _, _, n in group]
     amount = removes[0] if len(set(removes)) == 1 else [n for n in removes for _ in range(rows)]
-    out = first._run(tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts), amount, sinks=0 if local else None)
+    refs = None if local else concat_references([layer.references for layer, _, _ in group])
+    out = first._run(tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts), amount, sinks=0 if local else None,
+                     references=refs)
     for i, (layer, start, n_remove) in enumerate(group):
         before = layer.length
         mine = tuple(t[i * rows : (i + 1) * rows] for t in out)

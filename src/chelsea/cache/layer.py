@@ -50,6 +50,9 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         # the whole context (later forwards then only score their own entries).
         self.rescore = True
         self.share = 1.0  # this layer's budget beyond sinks and window, relative to an even split
+        # The last queries of the latest forward of several tokens, for a method that fits its merges
+        # to them (``method.references``); set by the score observer, used once by the next compression.
+        self.references = None
         if self.scored:
             self._buffers = (*ClusteredLayer._buffers, "_score_buf")
 
@@ -133,12 +136,14 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         start = (self.length if length is None else length) - self.config.window - span
         return start if start > self.config.sink_tokens else 0
 
-    def _run(self, entries: tuple[torch.Tensor, ...], n_remove, sinks: int | None = None) -> tuple[torch.Tensor, ...]:
-        """Apply the method to ``entries`` (one tensor per buffer); returns as many tensors."""
+    def _run(self, entries: tuple[torch.Tensor, ...], n_remove, sinks: int | None = None, references=None) -> tuple[torch.Tensor, ...]:
+        """Apply the method to ``entries`` (one tensor per buffer); returns as many tensors.
+        ``references``: the reference queries of a method that fits to them (rows as in ``entries``)."""
         keys, values, log_counts, *scores = entries
+        extra = {"references": references} if self.method.references else {}
         return self.method.compress(keys, values, log_counts, n_remove, window=self.config.window,
                                     sink_tokens=self.config.sink_tokens if sinks is None else sinks,
-                                    scores=scores[0] if scores else None)
+                                    scores=scores[0] if scores else None, **extra)
 
     def _record(self, removed: int) -> None:
         if removed > 0:

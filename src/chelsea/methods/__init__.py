@@ -13,6 +13,7 @@ makes it known to the cache, the CLI, the evaluation and the server. To add one,
 
 from .base import METHODS, Method, check_settings_known, configure, get_method, method_names, region_bounds, register
 from .chelsea import Chelsea, merge_by_importance
+from .fitted_merge import ReferenceQueries, concat_references
 from .chelsea_paper import ChelseaPaper, chunked_soft_matching
 from .kvzip import KVzip
 from .streaming import Streaming
@@ -23,6 +24,6 @@ from .knorm import KNorm
 from .clustergen import ClusterGen
 
 __all__ = [
-    "METHODS", "Chelsea", "ChelseaPaper", "ClusterGen", "H2O", "KNorm", "KVzip", "Method", "RandomEviction", "SnapKV",
+    "METHODS", "Chelsea", "ReferenceQueries", "concat_references", "ChelseaPaper", "ClusterGen", "H2O", "KNorm", "KVzip", "Method", "RandomEviction", "SnapKV",
     "Streaming", "check_settings_known", "chunked_soft_matching", "configure", "get_method", "merge_by_importance", "method_names", "region_bounds", "register",
 ]

@@ -22,6 +22,9 @@ What a method can ask of the cache (class attributes):
   in :data:`chelsea.cache.LAYER_TYPES` (``"clustergen"``).
 - ``takes_ratio``: whether the shared ``ratio`` sets the method's memory (ClusterGen's follows
   from its own settings).
+
+A method whose :attr:`Method.references` is above 0 (``chelsea`` with ``fit=True``) also gets
+the last queries of the forward before a compression, as ``references=``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ class Method:
     def compress_every(self) -> int:
         """Decoded tokens between compressions when the shared config does not say."""
         return 32
+
+    @property
+    def references(self) -> int:
+        """How many of a prompt's last queries (per query head) ``compress`` wants as
+        ``references=`` (:class:`chelsea.methods.fitted_merge.ReferenceQueries`), 0 for none."""
+        return 0
 
     @property
     def span(self) -> int | None:

@@ -16,7 +16,10 @@ rest of the text away. This method does both, per layer, on scores from
    consecutive region entries (similar keys are near each other: Chelsea's observation). The
    representative becomes the count-weighted centroid of its members (``merge="centroid"``) or
    keeps its own key and averages only the values (``merge="values"``); its log-count becomes the
-   log of all the tokens it stands for, so attention weighs it like its members together.
+   log of all the tokens it stands for, so attention weighs it like its members together. With
+   ``fit`` on, the value and log-count are then fitted so that the prompt's last
+   ``fit_queries`` queries read the merged entry as they read its members
+   (:mod:`.fitted_merge`); compressions without such queries (while decoding) keep the average.
    An entry whose best similarity is below ``min_similarity``, or whose block has no
    representative, is dropped, as eviction would.
 
@@ -35,6 +38,7 @@ import torch
 
 from ..settings import Importance, setting
 from .base import Method, compute_dtype, region_bounds, register
+from .fitted_merge import ReferenceQueries, fitted_merge_terms, scatter_logsumexp
 
 MERGE_MODES = ("centroid", "values")
 
@@ -88,6 +92,8 @@ def merge_by_importance(
     min_similarity: float = 0.0,
     neighbourhood: int = 128,
     merge: str = "centroid",
+    fit: bool = False,
+    references: ReferenceQueries | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Remove ``n_remove`` entries per (row, head) between sinks and window, merging them into
@@ -98,7 +104,8 @@ def merge_by_importance(
     after them, up to the longest row, are padding with log-count ``-inf``.
 
     ``exact_share`` 1.0 is pure eviction by the scores (no representatives); 0.0 merges into every
-    kept entry.
+    kept entry. ``fit``: fit the merged entries' values and log-counts to the queries
+    ``references`` (without them nothing is fitted).
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}; got {merge!r}")
@@ -115,7 +122,8 @@ def merge_by_importance(
     keep_n = [size - n for n in removed]
     kept, exact = _choose(scores[:, :, start:end], keep_n, exact_share)
     new_keys, new_values, new_counts = _merge_into_representatives(
-        *(t[:, :, start:end] for t in (keys, values, log_counts)), kept, kept & ~exact, neighbourhood, min_similarity, merge)
+        *(t[:, :, start:end] for t in (keys, values, log_counts)), kept, kept & ~exact, neighbourhood, min_similarity, merge,
+        references if fit else None)
     whole = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
     whole[:, :, start:end] = kept
 
@@ -137,7 +145,8 @@ def _choose(region: torch.Tensor, keep_n: list[int], exact_share: float) -> tupl
     return kept, exact
 
 
-def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourhood: int, min_similarity: float, merge: str):
+def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourhood: int, min_similarity: float, merge: str,
+                                references: ReferenceQueries | None = None):
     """The region's ``(keys, values, log_counts)`` after every entry that is not ``kept`` joined its
     most similar representative (``reps``) of its block, or was dropped (too dissimilar, or no
     representative): a representative that took members becomes their count-weighted centroid
@@ -157,8 +166,26 @@ def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourh
 
     merged = reps & (total > weight)  # representatives that took members
     new_values = torch.where(merged[..., None], pooled(values).to(values.dtype), values)
-    new_keys = torch.where(merged[..., None], pooled(keys).to(keys.dtype), keys) if merge == "centroid" else keys
-    return new_keys, new_values, torch.where(merged, total.log().to(log_counts.dtype), log_counts)
+    new_keys = keys if merge == "values" else torch.where(merged[..., None], pooled(keys).to(keys.dtype), keys)
+    new_counts = torch.where(merged, total.log().to(log_counts.dtype), log_counts)
+    if references is None:
+        return new_keys, new_values, new_counts
+    return (new_keys, *_fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, kept | joins, merged, references))
+
+
+def _fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, members, merged, references):
+    """``(values, log_counts)`` with every merged entry's value and log-count fitted to the
+    reference queries (:mod:`.fitted_merge`); entries the fit cannot place keep the centroid's."""
+    log_u, log_a2 = fitted_merge_terms(keys, log_counts, new_keys, dest, references)
+    log_u = log_u.masked_fill(~members, float("-inf"))
+    log_mass = scatter_logsumexp(log_u, dest, keys.shape[2])
+    log_beta = log_mass - log_a2
+    fitted = merged & log_beta.isfinite()
+    share = (log_u - log_mass.gather(-1, dest)).exp().nan_to_num(0.0)  # each member's part of its cluster's value
+    acc = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+    acc.scatter_add_(2, dest[..., None].expand_as(values), values.float() * share[..., None])
+    return (torch.where(fitted[..., None], acc.to(values.dtype), new_values),
+            torch.where(fitted, log_beta.to(new_counts.dtype), new_counts))
 
 
 def _compact(tensors: tuple[torch.Tensor, ...], keep: torch.Tensor, out_len: int) -> tuple[torch.Tensor, ...]:
@@ -191,6 +218,10 @@ class Chelsea(Method):
                                       "absorb what is not kept (1.0: eviction)", low=0.0, high=1.0)
     merge: str = setting("centroid", "a representative becomes the count-weighted 'centroid' of its members, or keeps its key "
                                      "and averages the 'values'", choices=MERGE_MODES)
+    fit: bool = setting(False, "fit each merged entry's value and log-count to the attention of the prompt's last queries "
+                               "(least squares, same bytes; decoding-time compressions keep the average)")
+    fit_queries: int = setting(64, "with fit: the forward's last N queries (per query head) the merged entries are fitted to",
+                               low=1)
     min_similarity: float = setting(0.0, "entries less cosine-similar than this to every representative are dropped, not merged",
                                     low=-1.0, high=1.0)
     neighbourhood: int = setting(128, "entries look for a representative within blocks of this many region entries", low=2)
@@ -199,7 +230,12 @@ class Chelsea(Method):
                                       none="the whole cache")
     scoring: Importance = field(default_factory=Importance)
 
-    def compress(self, keys, values, log_counts, n_remove, *, sink_tokens, window, scores=None):
+    @property
+    def references(self) -> int:
+        return self.fit_queries if self.fit else 0
+
+    def compress(self, keys, values, log_counts, n_remove, *, sink_tokens, window, scores=None, references=None):
         return merge_by_importance(keys, values, log_counts, n_remove, scores=scores, sink_tokens=sink_tokens, window=window,
-                            exact_share=self.exact_share, min_similarity=self.min_similarity,
-                            neighbourhood=self.neighbourhood, merge=self.merge)
+                                   exact_share=self.exact_share, min_similarity=self.min_similarity,
+                                   neighbourhood=self.neighbourhood, merge=self.merge, fit=self.fit,
+                                   references=references)

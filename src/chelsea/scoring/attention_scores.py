@@ -119,3 +119,20 @@ def largest_attention_received(
     of :mod:`chelsea.scoring.reconstruction`, so the two can be compared and combined by their maximum.
     """
     return _per_key(query, key, log_counts, scale, last, max_block_bytes, largest=True)
+
+
+def last_query_normalisers(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    log_counts: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    last: int,
+    max_block_bytes: int = 1 << 30,
+) -> torch.Tensor:
+    """The log-normaliser (log-sum-exp of the logits over every entry a query sees) of the last
+    ``last`` queries, ``[batch, heads, last]`` float32; inputs as :func:`attention_mass`."""
+    batch, heads, q_len, _ = query.shape
+    parts = [logits.logsumexp(-1) for _, _, logits in logit_blocks(query, key, log_counts, scale=scale,
+                                                                    first=max(0, q_len - last), max_block_bytes=max_block_bytes)]
+    return torch.cat(parts, dim=-1).reshape(batch, heads, -1)

@@ -13,15 +13,32 @@
   compresses inside the forward (text read in blocks), each block's last queries score every entry
   again (``layer.rescore``), so entries scored by different blocks never compete; once a pass has
   scored the whole context, later forwards score only their own entries. Decoded tokens start at 0.
+
+Both keep, for a method that fits its merges (:attr:`chelsea.methods.Method.references`), the last
+queries of every forward of several tokens and their log-normalisers in ``layer.references``, for
+the compression that follows (:func:`keep_references`).
 """
 
 from __future__ import annotations
 
 from ..cache import ScoreObserver, provide
-from .attention_scores import attention_mass, largest_attention_received
+from ..methods import ReferenceQueries
+from .attention_scores import attention_mass, largest_attention_received, last_query_normalisers
 from .learned import learned_scorer
 
 OBSERVATION_WINDOW = 32
+
+
+def keep_references(layer, query, key, log_counts, scale) -> None:
+    """Leave the forward's last ``layer.method.references`` queries (after rotary embedding) and
+    their log-normalisers over the stored entries in ``layer.references``."""
+    wanted = layer.method.references
+    if not wanted or layer.new_tokens <= 1:
+        return
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    last = min(wanted, query.shape[2])
+    lse = last_query_normalisers(query, key, log_counts, scale=scale, last=last)
+    layer.references = ReferenceQueries(query[:, :, -last:].detach(), lse, scale)
 
 
 class AttentionMass(ScoreObserver):
@@ -31,6 +48,7 @@ class AttentionMass(ScoreObserver):
         self.window = method.observation_window
 
     def observe(self, layer, query, key, value, log_counts, scale, scores, module=None):
+        keep_references(layer, query, key, log_counts, scale)
         last = self.window if layer.new_tokens > 1 else None
         scores.add_(attention_mass(query, key, log_counts, scale=scale, last=last))
 
@@ -42,6 +60,7 @@ class LastQueries(ScoreObserver):
         pass
 
     def observe(self, layer, query, key, value, log_counts, scale, scores, module=None):
+        keep_references(layer, query, key, log_counts, scale)
         if learned_scorer(module, layer) is not None:  # the learned scorer scores the new entries at the forward's end
             return
         new = layer.new_tokens

@@ -1,0 +1,108 @@
+"""Fitted merges: a merged entry's value and log-count chosen to reproduce the full cache's attention.
+
+A merged entry stands for a cluster ``C`` of entries (its representative and the members that
+joined it). For a query ``q`` the full cache gives that cluster the attention mass
+``S_q = sum_{j in C} p_qj`` (``p_qj``: ``q``'s softmax probability of entry ``j``, the log-counts
+included) and the output share ``N_q = sum_{j in C} p_qj v_j``. The merged entry, key ``k`` (the
+count-weighted centroid), log-count ``b`` and value ``v``, gives ``a_q e^b`` and ``a_q e^b v`` with
+``a_q = exp(scale q.k - lse_q)`` (``lse_q``: the query's log-normaliser over the full cache).
+
+Least squares over a set of reference queries (the prompt's last queries, which the scoring
+already computes), one cluster at a time, has a closed form:
+
+- mass: ``e^b = sum_q a_q S_q / sum_q a_q^2`` (positive: a non-negative mass, no extra bytes);
+- value: ``v = sum_j u_j v_j / sum_j u_j`` with ``u_j = sum_q a_q p_qj``, a weighted mean of the
+  members' values where each member weighs as much as the reference queries read it, scaled by
+  how much they read the merged key. The count-weighted centroid is the same formula with
+  ``u_j`` = the member's count.
+
+When the members are identical tokens, ``p_qj = a_q e^{c_j}`` for every query, so the fit gives back
+the total count and the common value: the merge stays exact. The sums over the queries run in chunks so memory stays
+bounded; a cluster whose members no reference query reads at all (every ``u_j`` below float32's
+range) cannot be fitted and keeps the centroid's value and log-count. :func:`fitted_merge_terms` gives ``log u_j``
+and ``log sum_q a_q^2`` per region entry; :mod:`.chelsea` pools them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 24  # (query, entry) logits computed at once
+
+
+class ReferenceQueries(NamedTuple):
+    """The queries a fit reproduces the attention of: ``queries`` ``[batch, heads, m, d]`` (after
+    rotary embedding, like the stored keys), their log-normaliser over the whole cache they
+    attended to, ``lse`` ``[batch, heads, m]`` float32, and the attention ``scale``."""
+
+    queries: torch.Tensor
+    lse: torch.Tensor
+    scale: float
+
+    def grouped(self, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, kv_heads, groups * m, d], [B, kv_heads, groups * m])``: each KV head's queries."""
+        batch, heads, m, dim = self.queries.shape
+        if heads % kv_heads:
+            raise ValueError(f"{heads} query heads do not share {kv_heads} KV heads evenly")
+        groups = heads // kv_heads
+        return (self.queries.reshape(batch, kv_heads, groups * m, dim),
+                self.lse.reshape(batch, kv_heads, groups * m))
+
+
+def concat_references(refs: list[ReferenceQueries | None]) -> ReferenceQueries | None:
+    """The references of several layers' rows stacked along the batch (``None`` unless all have
+    the same shape)."""
+    if not refs or any(r is None for r in refs):
+        return None
+    if len({(r.queries.shape[1:], r.scale) for r in refs}) != 1:
+        return None
+    if len(refs) == 1:
+        return refs[0]
+    return ReferenceQueries(torch.cat([r.queries for r in refs]), torch.cat([r.lse for r in refs]), refs[0].scale)
+
+
+def fitted_merge_terms(
+    keys: torch.Tensor,
+    log_counts: torch.Tensor,
+    merged_keys: torch.Tensor,
+    dest: torch.Tensor,
+    refs: ReferenceQueries,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_u, log_a2)`` over the region's entries ``[B, H, n]`` float32.
+
+    ``keys``, ``log_counts``: the entries before merging; ``merged_keys``: the keys the merged
+    entries will have, at their representatives' positions; ``dest``: the position of each entry's
+    cluster (its representative's, or its own). ``log_u[j]`` is ``log sum_q a_{q,dest(j)} p_qj``;
+    ``log_a2[r]`` is ``log sum_q a_{q,r}^2`` for the merged key at position ``r``.
+    """
+    batch, heads, n, _ = keys.shape
+    queries, lse = refs.grouped(heads)
+    total = queries.shape[2]
+    u = torch.zeros(batch, heads, n, device=keys.device)
+    a2 = torch.zeros_like(u)
+    if total and n:
+        k = keys.float().transpose(-1, -2)
+        km = merged_keys.float().transpose(-1, -2)
+        bias = log_counts.float()[:, :, None, :]
+        index = dest[:, :, None, :]
+        step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n))
+        for lo in range(0, total, step):
+            q = queries[:, :, lo : lo + step].float() * refs.scale
+            shift = lse[:, :, lo : lo + step, None].float()
+            a = (q @ km - shift).exp_()  # [B, H, chunk, n]: each query's weight of the merged key at every position
+            u += (q @ k + bias - shift).exp_().mul_(a.gather(-1, index.expand_as(a))).sum(2)
+            a2 += a.square_().sum(2)
+    return u.log(), a2.log()
+
+
+def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``out[..., r] = log sum_{j: index[..., j] == r} exp(values[..., j])`` (``-inf`` for none)."""
+    finite = values.isfinite()
+    peak = torch.full((*values.shape[:-1], size), float("-inf"), device=values.device, dtype=values.dtype)
+    peak.scatter_reduce_(-1, index, values.masked_fill(~finite, float("-inf")), reduce="amax")
+    safe = peak.masked_fill(~peak.isfinite(), 0.0)
+    summed = torch.zeros_like(peak).scatter_add_(-1, index, torch.where(finite, (values - safe.gather(-1, index)).exp(),
+                                                                        torch.zeros_like(values)))
+    return summed.log() + safe
