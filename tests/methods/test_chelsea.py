@@ -1,18 +1,16 @@
 """The default method, ``chelsea`` (importance-guided clustering), and ``kvzip``'s eviction, as plain tensor functions."""
 
+from functools import partial
+
 import pytest
 import torch
+from entries import random_entries
 
 from chelsea.attention import weighted_attention
 from chelsea.methods import KVzip, merge_by_importance
 
 
-def _data(batch=2, heads=3, length=120, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, heads, length, 8, generator=g)
-    values = torch.randn(batch, heads, length, 8, generator=g)
-    scores = torch.rand(batch, heads, length, generator=g)
-    return keys, values, torch.zeros(batch, heads, length), scores
+_data = partial(random_entries, heads=3)
 
 
 @pytest.mark.parametrize("n_remove", [0, 7, 60, 500])

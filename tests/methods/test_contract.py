@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from entries import random_entries
 from tiny import tiny
 
 import chelsea
@@ -23,16 +24,12 @@ RATIO_METHODS = [name for name, cls in METHODS.items() if cls.takes_ratio and cl
 MERGING = {"chelsea": {"min_similarity": -1.0}, "chelsea-paper": {}}
 
 
-def _entries(seed=0, batch=2, heads=2, length=96, dim=8):
-    g = torch.Generator().manual_seed(seed)
-    keys, values = torch.randn(batch, heads, length, dim, generator=g), torch.randn(batch, heads, length, dim, generator=g)
-    return keys, values, torch.zeros(batch, heads, length), torch.rand(batch, heads, length, generator=g)
 
 
 @pytest.mark.parametrize("name", RATIO_METHODS)
 def test_compress_meets_the_budget_keeps_sinks_and_window(name):
     method = get_method(name, **MERGING.get(name, {}))
-    keys, values, lc, scores = _entries()
+    keys, values, lc, scores = random_entries(length=96)
     out = method.compress(keys, values, lc, 40, sink_tokens=4, window=8, scores=scores if method.scores else None)
     k, v, out_lc = out[:3]
     assert k.shape[2] == 96 - 40 and v.shape == k.shape and out_lc.shape == k.shape[:3]

@@ -38,7 +38,7 @@ import torch
 
 from ..settings import Importance, setting
 from .base import Method, compute_dtype, region_bounds, register
-from .fitted_merge import ReferenceQueries, fitted_merge_terms, scatter_logsumexp
+from .fitted_merge import ReferenceQueries, fitted_merge_terms
 
 MERGE_MODES = ("centroid", "values")
 
@@ -176,12 +176,12 @@ def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourh
 def _fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, members, merged, references):
     """``(values, log_counts)`` with every merged entry's value and log-count fitted to the
     reference queries (:mod:`.fitted_merge`); entries the fit cannot place keep the centroid's."""
-    log_u, log_a2 = fitted_merge_terms(keys, log_counts, new_keys, dest, references)
-    log_u = log_u.masked_fill(~members, float("-inf"))
-    log_mass = scatter_logsumexp(log_u, dest, keys.shape[2])
-    log_beta = log_mass - log_a2
+    u, a2 = fitted_merge_terms(keys, log_counts, new_keys, dest, references)
+    u = u.masked_fill(~members, 0.0)
+    mass = torch.zeros_like(u).scatter_add_(-1, dest, u)
+    log_beta = mass.log() - a2.log()  # apart, so a tiny a2 cannot overflow the quotient
     fitted = merged & log_beta.isfinite()
-    share = (log_u - log_mass.gather(-1, dest)).exp().nan_to_num(0.0)  # each member's part of its cluster's value
+    share = (u / mass.gather(-1, dest)).nan_to_num(0.0)  # each member's part of its cluster's value
     acc = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
     acc.scatter_add_(2, dest[..., None].expand_as(values), values.float() * share[..., None])
     return (torch.where(fitted[..., None], acc.to(values.dtype), new_values),

@@ -17,10 +17,11 @@ already computes), one cluster at a time, has a closed form:
   ``u_j`` = the member's count.
 
 When the members are identical tokens, ``p_qj = a_q e^{c_j}`` for every query, so the fit gives back
-the total count and the common value: the merge stays exact. The sums over the queries run in chunks so memory stays
-bounded; a cluster whose members no reference query reads at all (every ``u_j`` below float32's
-range) cannot be fitted and keeps the centroid's value and log-count. :func:`fitted_merge_terms` gives ``log u_j``
-and ``log sum_q a_q^2`` per region entry; :mod:`.chelsea` pools them.
+the total count and the common value: the merge stays exact. The sums over the queries run in
+chunks so memory stays bounded; a cluster whose members no reference query reads at all (every
+``u_j`` below float32's range) cannot be fitted and keeps the centroid's value and log-count.
+:func:`fitted_merge_terms` gives ``u_j`` and ``sum_q a_q^2`` per region entry; :mod:`.chelsea`
+pools them per cluster.
 """
 
 from __future__ import annotations
@@ -52,11 +53,9 @@ class ReferenceQueries(NamedTuple):
 
 
 def concat_references(refs: list[ReferenceQueries | None]) -> ReferenceQueries | None:
-    """The references of several layers' rows stacked along the batch (``None`` unless all have
-    the same shape)."""
+    """The references of several layers' rows stacked along the batch (``None`` when any layer has
+    none). The layers come from one compression batch, which only joins references of one shape."""
     if not refs or any(r is None for r in refs):
-        return None
-    if len({(r.queries.shape[1:], r.scale) for r in refs}) != 1:
         return None
     if len(refs) == 1:
         return refs[0]
@@ -70,12 +69,12 @@ def fitted_merge_terms(
     dest: torch.Tensor,
     refs: ReferenceQueries,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log_u, log_a2)`` over the region's entries ``[B, H, n]`` float32.
+    """``(u, a2)`` over the region's entries ``[B, H, n]`` float32.
 
     ``keys``, ``log_counts``: the entries before merging; ``merged_keys``: the keys the merged
     entries will have, at their representatives' positions; ``dest``: the position of each entry's
-    cluster (its representative's, or its own). ``log_u[j]`` is ``log sum_q a_{q,dest(j)} p_qj``;
-    ``log_a2[r]`` is ``log sum_q a_{q,r}^2`` for the merged key at position ``r``.
+    cluster (its representative's, or its own). ``u[j]`` is ``sum_q a_{q,dest(j)} p_qj``;
+    ``a2[r]`` is ``sum_q a_{q,r}^2`` for the merged key at position ``r``.
     """
     batch, heads, n, _ = keys.shape
     queries, lse = refs.grouped(heads)
@@ -94,15 +93,4 @@ def fitted_merge_terms(
             a = (q @ km - shift).exp_()  # [B, H, chunk, n]: each query's weight of the merged key at every position
             u += (q @ k + bias - shift).exp_().mul_(a.gather(-1, index.expand_as(a))).sum(2)
             a2 += a.square_().sum(2)
-    return u.log(), a2.log()
-
-
-def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """``out[..., r] = log sum_{j: index[..., j] == r} exp(values[..., j])`` (``-inf`` for none)."""
-    finite = values.isfinite()
-    peak = torch.full((*values.shape[:-1], size), float("-inf"), device=values.device, dtype=values.dtype)
-    peak.scatter_reduce_(-1, index, values.masked_fill(~finite, float("-inf")), reduce="amax")
-    safe = peak.masked_fill(~peak.isfinite(), 0.0)
-    summed = torch.zeros_like(peak).scatter_add_(-1, index, torch.where(finite, (values - safe.gather(-1, index)).exp(),
-                                                                        torch.zeros_like(values)))
-    return summed.log() + safe
+    return u, a2
