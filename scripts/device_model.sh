@@ -3,7 +3,8 @@
 # PYTHONPATH, CHELSEA_CACHE_DIR) and gathers the built-in Qwen model carried in pieces.
 #
 # The model file travels in $PARTS pieces (default 11: made with
-# `split -n 11 -d -a 2 <qwen gguf> qwen.part`, each small enough to travel with the working tree),
+# `split -n 11 -d -a 2 <qwen gguf> qwen.part`; one piece and the working tree must stay under the
+# 64 MiB a call carries: with the tree at 23 MB, as since 2026-12-07, split into PARTS=12),
 # one per call in the git-ignored .gpu/; each call moves its piece to /tmp/q, and once all are there
 # they are joined into $CHELSEA_CACHE_DIR. A tokenizer folder packed as .gpu/tok.tgz is unpacked to
 # /tmp/tok (presets have none). gguf is installed once from .whl (`pip download --no-deps gguf -d .whl`).

@@ -67,3 +67,11 @@ def test_the_settings_page_is_generated_from_the_settings():
 
     page = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert page.read_text(encoding="utf-8") == settings_page(), "regenerate it: chelsea methods --markdown > docs/settings.md"
+
+
+def test_a_capacity_is_a_fixed_budget_whatever_the_tokens_seen():
+    config = CompressionConfig(ratio=0.8, capacity=300, sink_tokens=4, window=16)
+    assert [config.budget(n) for n in (100, 300, 1000, 100_000)] == [100, 300, 300, 300]
+    assert CompressionConfig(ratio=0.8, capacity=5, sink_tokens=4, window=16).budget(1000) == 20  # never below sinks + window
+    with pytest.raises(ChelseaError, match="capacity"):
+        CompressionConfig(capacity=0)

@@ -148,12 +148,18 @@ class CompressionConfig:
     compress_every: int | None = setting(None, "while decoding, compress again once this many new tokens have arrived; "
                                               "between compressions the cache holds at most this many entries above budget",
                                          kind=int, low=1, none="the method's own: chelsea-paper's chunk size, 32 otherwise")
+    capacity: int | None = setting(None, "a fixed budget instead of the ratio's: each layer keeps up to this many entries per "
+                                         "KV head and compresses only what goes beyond (a long chat or a context read in chunks "
+                                         "then keeps early text as well as late; ratio > 0 still turns compression on)",
+                                   kind=int, low=1, none="the ratio's share of the tokens seen")
 
     def __post_init__(self) -> None:
         check_settings(self)
 
     def budget(self, tokens: int) -> int:
         """Entries to keep for a sequence of ``tokens`` tokens."""
+        if self.capacity is not None:
+            return min(tokens, max(self.capacity, self.sink_tokens + self.window))
         keep = math.ceil(round((1.0 - self.ratio) * tokens, 6))  # round first: 0.3 * 10 is 3.0000000000000004
         return min(tokens, max(keep, self.sink_tokens + self.window))
 
@@ -168,11 +174,11 @@ IMPORTANCE_SOURCES = ("local", "full", "window", "surprise", "learned")
 class Importance:
     """Where the scores of the methods that rank by importance come from (:mod:`chelsea.scoring`)."""
 
-    importance: str = setting("local", "where scores come from: a small model per layer trained once per model to predict the "
-                                       "reconstruction-and-fact-head scores from each entry's key and value ('learned'; it also "
-                                       "scores every decoded token), context reconstruction whose repeat attends to the sinks and "
-                                       "its chunk ('local') or to the whole cache ('full'), the prompt's last queries ('window'), "
-                                       "or token surprisal alone ('surprise')",
+    importance: str = setting("learned", "where scores come from: a small model per layer fitted once per model to predict the "
+                                         "reconstruction-and-fact-head scores from each entry's key and value ('learned'; it "
+                                         "also scores every decoded token, and costs no extra pass), context reconstruction "
+                                         "whose repeat attends to the sinks and its chunk ('local') or to the whole cache "
+                                         "('full'), the prompt's last queries ('window'), or token surprisal alone ('surprise')",
                               choices=IMPORTANCE_SOURCES)
     output_norm: bool = setting(True, "weight each query head's reconstruction attention by the norm of what the entry's value "
                                       "adds to its output, ||W_o v|| (KVzip+'s factor); off: the paper's KVzip scores")

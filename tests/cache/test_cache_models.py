@@ -211,3 +211,23 @@ def test_clustergen_runs_beam_search():
     with torch.no_grad():
         out = model.generate(ids, **cache_arg(model, cache), num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape == (1, 212) and cache.layers[0].summary.centers.shape[0] == 3
+
+
+@pytest.mark.parametrize("method", ["chelsea", "kvzip", "snapkv"])
+def test_a_capacity_holds_the_cache_at_a_fixed_size_while_text_streams_in(method):
+    """With ``capacity`` the cache fills up to it, then every chunk is compressed back to it: the
+    entries and bytes stay fixed however much text arrives, and the tokens seen are all counted."""
+    model = chelsea.prepare_model(tiny("qwen2"))
+    cache = ClusteredCache(method=method, ratio=0.8, capacity=120, window=16)
+    ids = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(0))
+    sizes, nbytes = [], []
+    with torch.no_grad():
+        for start in range(0, 600, 100):
+            model(ids[:, start : start + 100], **cache_arg(model, cache), use_cache=True)
+            sizes.append(cache.layers[0].length)
+            nbytes.append(cache.stats()["kv_bytes"])
+    assert sizes[0] == 100 and sizes[1:] == [120] * 5
+    assert len(set(nbytes[1:])) == 1 and nbytes[0] < nbytes[1]
+    stats = cache.stats()
+    assert stats["tokens_seen"] == 600 and stats["kv_entries"] == 120  # per layer
+    assert stats["kv_bytes"] < 0.25 * stats["kv_bytes_full"]

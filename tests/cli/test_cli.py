@@ -89,6 +89,17 @@ def test_generate_with_importance_methods(tiny_model_dir, prompt_file, method):
     assert "FutureWarning" not in out.stderr
 
 
+def test_generate_with_a_fixed_capacity(tiny_model_dir, prompt_file):
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "-q", "What jumps?", "--method",
+                      "chelsea-paper", "--ratio", "0.5", "--capacity", "40", "--window", "16", "--max-new-tokens", "4", "--json",
+                      "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["tokens_seen"] > 300 and row["kv_entries"] <= 40 + 32  # the capacity, plus what one decoding schedule adds
+    out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--capacity", "0")
+    assert out.returncode == 2 and "capacity" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bad_importance_settings_get_one_line(tiny_model_dir, prompt_file):
     for name, value in (("importance", "psychic"), ("exact_share", "1.5"), ("merge", "blend")):
         out = chelsea_cli("generate", "--model", str(tiny_model_dir), "-f", str(prompt_file), "--set", f"{name}={value}")
@@ -118,8 +129,8 @@ def test_bench_writes_records(tiny_model_dir, tmp_path):
                     "peak_mem_bytes", "kv_bytes", "speedup_vs_full", "bandwidth_limit_speedup"):
             assert key in r
         assert r["cuda_graph"] is False  # CPU: eager steps
-        # chelsea scores as generate does: by context reconstruction, the model folder has a tokenizer
-        assert r["scoring"] == ("reconstruction" if r["method"] == "chelsea" else None)
+        # chelsea scores as generate does: by its learned scorer (fitted first), the model folder has a tokenizer
+        assert r["scoring"] == ("learned" if r["method"] == "chelsea" else None)
         assert r["prefill_vs_full"] == (round(r["prefill_s"] / records[0 if r["batch"] == 1 else 4]["prefill_s"], 3))
         if r["method"] in ("chelsea", "knorm"):
             assert r["kv_bytes"] < 0.6 * r["kv_bytes_full"] and r["bandwidth_limit_speedup"] > 1.0

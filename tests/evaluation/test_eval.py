@@ -58,7 +58,8 @@ def test_eval_agnostic_placement_with_importance_methods(tiny_model_dir, tmp_pat
             assert 0.15 < r["kv_fraction"] < 0.3
     runs = json.loads((out / "runs.json").read_text())
     chelsea = runs[-1]["resolved"]["chelsea"]  # every method's settings are logged, defaults included
-    assert chelsea["scoring"]["importance"] == "local" and chelsea["scoring"]["surprise_weight"] == 0.3
+    assert chelsea["scoring"]["importance"] == "learned" and chelsea["scoring"]["surprise_weight"] == 0.3
+    assert runs[-1]["resolved"]["kvzip"]["scoring"]["importance"] == "local"  # KVzip's own scores
     assert chelsea["scoring"]["output_norm"] is True and runs[-1]["settings"] == {"sink_tokens": 4, "window": 16}
     summary = (out / "summary.md").read_text()
     assert "### Context compressed before the question, 400 tokens, ratio 0.8" in summary

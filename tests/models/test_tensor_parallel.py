@@ -21,8 +21,12 @@ def torchrun(nproc, *args, timeout=300):
 def test_two_ranks_give_the_same_tokens_as_one(tiny_model_dir, tmp_path, method):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    # Reconstruction scores are per KV head, so ranks holding half the heads each score them as one
+    # rank does; the learned scorer (the default) maps all of a layer's heads together, and each
+    # rank fits its own on its heads, so its tokens may differ from one rank's.
     args = ["generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--method", method, "--ratio", "0.8",
-            "--window", "16", "--max-new-tokens", "12", "--json", "--no-chat-template", "--device", "cpu"]
+            "--window", "16", "--max-new-tokens", "12", "--json", "--no-chat-template", "--device", "cpu",
+            *(["--set", "importance=local"] if method == "chelsea" else [])]
     one = chelsea_cli(*args)
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *args)
@@ -34,6 +38,16 @@ def test_two_ranks_give_the_same_tokens_as_one(tiny_model_dir, tmp_path, method)
     assert parallel["kv_bytes"] * 2 == pytest.approx(single["kv_bytes"], rel=0.02)
     if method == "chelsea":
         assert parallel["kv_bytes"] < 0.3 * parallel["kv_bytes_full"]
+
+
+def test_two_ranks_run_the_default_learned_scorer(tiny_model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    two = torchrun(2, "generate", "--model", str(tiny_model_dir), "-f", str(prompt), "--ratio", "0.8", "--window", "16",
+                   "--max-new-tokens", "6", "--json", "--no-chat-template", "--device", "cpu")
+    assert two.returncode == 0, two.stderr[-3000:]
+    row = json.loads(two.stdout)
+    assert row["world_size"] == 2 and len(row["tokens"]) == 6 and row["kv_bytes"] < 0.3 * row["kv_bytes_full"]
 
 
 def test_ranks_that_cannot_share_the_kv_heads_evenly_are_refused(tiny_model_dir, tmp_path):

@@ -117,7 +117,7 @@ def _record_repeat_options(monkeypatch) -> dict:
 
 def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an_even_budget(tmp_path, monkeypatch):
     model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
-    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", score_layers="facts")
+    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", score_layers="facts", importance="local")
     config = CompressionConfig(ratio=0.8, window=16)
     (fact_layer, _), = find_fact_heads(model, tokenizer, ClusteredCache(**settings)).heads
     seen = _record_repeat_options(monkeypatch)
@@ -133,7 +133,7 @@ def test_score_layers_facts_scores_the_fact_heads_layers_and_gives_the_others_an
 
 def test_calibrated_budgets_come_from_the_calibration_profile_and_need_no_surprisal(tmp_path, monkeypatch):
     model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
-    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", layer_budgets="calibrated")
+    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="all", layer_budgets="calibrated", importance="local")
     config, imp = CompressionConfig(ratio=0.8, window=16), Importance()
     heads = find_fact_heads(model, tokenizer, ClusteredCache(**settings))
     assert len(heads.profile) == 3 and all(len(p) == 256 for p in heads.profile)
@@ -157,7 +157,7 @@ def test_calibrated_budgets_come_from_the_calibration_profile_and_need_no_surpri
 
 def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypatch):
     model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
-    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="facts")
+    settings = dict(ratio=0.8, window=16, fact_heads=1, repeat_depth="facts", importance="local")
     config = CompressionConfig(ratio=0.8, window=16)
     deepest = max(layer for layer, _ in find_fact_heads(model, tokenizer, ClusteredCache(**settings)).heads)
     seen = _record_repeat_options(monkeypatch)
@@ -172,7 +172,7 @@ def test_repeat_depth_facts_stops_after_the_deepest_fact_head(tmp_path, monkeypa
 
 def test_fact_layers_keeps_the_fact_heads_and_the_repeat_in_the_first_layers(tmp_path, monkeypatch):
     model, tokenizer, ids = _tiny_chelsea(tmp_path, monkeypatch)
-    settings = dict(ratio=0.8, window=16, fact_heads=4, fact_layers=1, repeat_chunk=96)
+    settings = dict(ratio=0.8, window=16, fact_heads=4, fact_layers=1, repeat_chunk=96, importance="local")
     config = CompressionConfig(ratio=0.8, window=16)
     heads = find_fact_heads(model, tokenizer, ClusteredCache(**settings))
     assert {layer for layer, _ in heads.heads} == {0}

@@ -108,3 +108,58 @@ def test_without_its_scorer_a_learned_cache_ranks_by_the_last_queries(learned):
     with torch.no_grad():
         model(torch.randint(0, 1000, (1, 200)), **cache_arg(model, cache), use_cache=True)
     assert cache.stats()["compressed"] and float(cache.layers[0].scores.max()) > 0
+
+
+def test_a_context_read_in_chunks_gets_uneven_layer_budgets_from_the_scorers_profile(learned):
+    """Text appended in forwards of its own (a chat, a context read in chunks) is never scored
+    whole, so the layers take their budgets from the scorer's calibrated profile: uneven, summing
+    to what even budgets would keep; a whole-context scoring's split is left as it is."""
+    from chelsea.scoring import prepare_scoring
+
+    model, tokenizer, cache, scorer = learned
+    assert scorer.profile is not None and scorer.profile.shape[0] == 3
+    assert prepare_scoring(model, tokenizer, cache) is scorer
+    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for start in range(0, 512, 128):
+            model(ids[:, start : start + 128], **cache_arg(model, cache), use_cache=True)
+    cfg = cache.config
+    keep = cfg.budget(512) - cfg.sink_tokens - cfg.window
+    region = [layer.length - cfg.sink_tokens - cfg.window for layer in cache.layers]
+    assert len(set(region)) > 1  # uneven
+    assert abs(sum(region) - keep * len(region)) <= len(region)  # the same entries in all
+    whole = cache.empty_like()
+    compress_context(model, whole, ids, tokenizer)
+    shares = [layer.share for layer in whole.layers]
+    with torch.no_grad():
+        model(ids[:, :64], **cache_arg(model, whole), use_cache=True)
+    assert [layer.share for layer in whole.layers] == shares
+
+
+def test_prepare_scoring_does_nothing_for_methods_without_a_learned_scorer(learned):
+    from chelsea.scoring import prepare_scoring
+
+    model, tokenizer, _, _ = learned
+    assert prepare_scoring(model, tokenizer, ClusteredCache(ratio=0.8, importance="local")) is None
+    assert prepare_scoring(model, tokenizer, ClusteredCache(method="chelsea-paper", ratio=0.8)) is None
+
+
+def test_a_built_in_models_shipped_scorer_is_used_before_fitting(learned, monkeypatch, tmp_path):
+    """A scorer shipped with the package for a built-in model (known by name, its weights pinned)
+    is loaded instead of fitted; any other model never finds it."""
+    import chelsea.scoring.learned as module
+    import chelsea.scoring.store as store
+
+    model, tokenizer, cache, scorer = learned
+    monkeypatch.setattr(store, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setenv("CHELSEA_CACHE_DIR", str(tmp_path / "empty"))
+    twin, _ = tiny_with_tokenizer(layers=3)
+    assert store.shipped_path(twin, "learned", learned_key(cache.config, cache.method), suffix="pt") is None
+    twin.__dict__["_chelsea_builtin"] = "tiny"
+    path = store.shipped_path(twin, "learned", learned_key(cache.config, cache.method), suffix="pt")
+    path.parent.mkdir(parents=True)
+    torch.save(scorer.to_dict(), path)
+    monkeypatch.setattr(module, "train_learned", lambda *a, **k: pytest.fail("fitted although one ships"))
+    found = find_learned(twin, tokenizer, cache)
+    assert all(torch.equal(a, b) for a, b in zip(found.weights, scorer.weights))
+    assert torch.equal(found.profile, scorer.profile)

@@ -49,8 +49,9 @@ def bench(
     ] = None,
     tokenizer: Annotated[
         str | None,
-        typer.Option("--tokenizer", help="A tokenizer folder for a preset (it has none), so chelsea and kvzip score by context reconstruction "
-                     "as in generate and eval; without it a preset's prefill ranks by the last queries (the 'scoring' column says which)."),
+        typer.Option("--tokenizer", help="A tokenizer folder for a preset (it has none), so chelsea and kvzip score as in generate and eval "
+                     "(chelsea's learned scorer is fitted on prompts the tokenizer writes; kvzip reconstructs the context); "
+                     "without it a preset's prefill ranks by the last queries (the 'scoring' column says which)."),
     ] = None,
     settings: SetOpt = None,
     repeats: Annotated[int, typer.Option(help="Measure every configuration this many times (after the warm-up); the medians are shown, every run is in --out.")] = 1,

@@ -22,6 +22,8 @@ def calibrate(
     settings: SetOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    ship: Annotated[bool, typer.Option("--ship", help="Also write the learned scorer where the package ships it for a "
+                                       "built-in model (src/chelsea/scoring/shipped/), for a maintainer to commit.")] = False,
 ) -> None:
     """Find the model's fact heads and fit its learned scorer now (stored in the model cache folder,
     $CHELSEA_CACHE_DIR), so that the first request or generation does not wait for them."""
@@ -50,4 +52,15 @@ def calibrate(
     done = time.perf_counter()
     report = {"model": model, "device": str(lm.device), "fact_heads": [list(h) for h in heads.heads], "fact_heads_s": round(found - start, 2),
               "learned": None if scorer is None else scorer.metrics, "learned_s": round(done - found, 2)}
+    if ship:
+        from ..errors import ChelseaError
+        from ..scoring.learned import learned_key
+        from ..scoring.store import shipped_path
+
+        target = shipped_path(lm, "learned", learned_key(cache.config, cache.method), suffix="pt")
+        if scorer is None or target is None:
+            raise ChelseaError("--ship needs a built-in model (chelsea models) and --set importance=learned")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(scorer.to_dict(), target)
+        report["shipped"] = target.name
     typer.echo(json.dumps(report))

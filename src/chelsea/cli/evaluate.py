@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ChelseaError
-from .options import (DEFAULT_MODEL, DeviceOpt, DtypeOpt, EveryOpt, ModelOpt, SetOpt, SinkOpt, WindowOpt, app, methods_help,
+from .options import (DEFAULT_MODEL, CapacityOpt, DeviceOpt, DtypeOpt, EveryOpt, ModelOpt, SetOpt, SinkOpt, WindowOpt, app, methods_help,
                       parse_settings, shared_settings, split_list)
 
 
@@ -31,6 +31,7 @@ def eval_(
     sinks: SinkOpt = 4,
     window: WindowOpt = 64,
     compress_every: EveryOpt = None,
+    capacity: CapacityOpt = None,
     settings: SetOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -52,7 +53,7 @@ def eval_(
     check_settings_known([m for m in grid["methods"] if m != "full"], own)
     for m in {c.method for c in cells if c.method != "full"}:
         configure(m, own)
-    shared = {k: v for k, v in shared_settings(sinks, window, compress_every).items() if v is not None}
+    shared = {k: v for k, v in shared_settings(sinks, window, compress_every, capacity).items() if v is not None}
     CompressionConfig(**shared)
     typer.echo(f"{len(cells)} cells x {samples} samples", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)

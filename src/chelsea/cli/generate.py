@@ -11,7 +11,7 @@ import typer
 
 from ..errors import ChelseaError
 from ..settings import CompressionConfig
-from .options import (DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, DtypeOpt, EveryOpt, ModelOpt, SetOpt, SinkOpt, WindowOpt, app,
+from .options import (DEFAULT_MODEL, CapacityOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, EveryOpt, ModelOpt, SetOpt, SinkOpt, WindowOpt, app,
                       fmt_bytes, methods_help, parse_settings, shared_settings, split_list, table)
 
 
@@ -41,6 +41,7 @@ def generate(
     sinks: SinkOpt = 4,
     window: WindowOpt = 64,
     compress_every: EveryOpt = None,
+    capacity: CapacityOpt = None,
     settings: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
@@ -63,7 +64,7 @@ def generate(
     from ..runtime import encode
     from ..runtime import generate as run
 
-    config = CompressionConfig(ratio=ratio, **shared_settings(sinks, window, compress_every))
+    config = CompressionConfig(ratio=ratio, **shared_settings(sinks, window, compress_every, capacity))
     chosen = _method(method, settings)
     if not prompt_file.is_file():
         raise ChelseaError(f"--prompt-file {prompt_file} does not exist")
@@ -117,8 +118,8 @@ def demo(
     typer.echo(f"Loading {model} ...", err=True)
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     typer.echo(f"Context: about {tokens} tokens of {'haystack text from ' + source.name if source else 'filler'}; "
-               f"{samples} prompts x {1 + len(configs)} caches. The first chelsea run also calibrates the model's fact heads "
-               "(once per model, stored for later runs).\n", err=True)
+               f"{samples} prompts x {1 + len(configs)} caches. The first chelsea run also fits the model's learned scorer "
+               "(once per model, stored for later runs; the default model's ships with chelsea).\n", err=True)
     runs = [("full", None), *[("chelsea", c) for c in configs]]
     rows = _demo_rows(lm, tokenizer, runs, samples, tokens, seed, source, max_new_tokens)
     _print_demo(rows, runs)

@@ -43,6 +43,7 @@ DeviceMapOpt = Annotated[
 SinkOpt = Annotated[int, typer.Option("--sinks", help="First tokens never merged or evicted.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="Most recent tokens never merged or evicted.")]
 EveryOpt = Annotated[int | None, typer.Option("--compress-every", help="While decoding, compress again after this many new tokens (default: the method's own).")]
+CapacityOpt = Annotated[int | None, typer.Option("--capacity", help="A fixed budget instead of the ratio's: each layer keeps up to this many entries per KV head and compresses only what goes beyond (a long chat, a context read in chunks).")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="A method setting as NAME=VALUE (repeatable), e.g. --set exact_share=0.7, given to every "
@@ -70,8 +71,8 @@ def parse_settings(items: list[str] | None) -> dict:
     return out
 
 
-def shared_settings(sinks: int, window: int, compress_every: int | None) -> dict:
-    return {"sink_tokens": sinks, "window": window, "compress_every": compress_every}
+def shared_settings(sinks: int, window: int, compress_every: int | None, capacity: int | None = None) -> dict:
+    return {"sink_tokens": sinks, "window": window, "compress_every": compress_every, "capacity": capacity}
 
 
 def split_list(text: str, cast, flag: str) -> list:

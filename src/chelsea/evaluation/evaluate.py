@@ -33,7 +33,7 @@ from ..errors import ChelseaError
 from ..methods import METHODS, check_settings_known, configure
 from ..models import check_prompt_length
 from ..runtime import cache_stats, make_cache, method_choices, sync, use_method
-from ..scoring import compress_context
+from ..scoring import compress_context, prepare_scoring
 from ..settings import CompressionConfig
 from .tasks import PLACEMENTS, QUESTION_TASKS, REAL_TASKS, STREAM_CHUNK, TASKS, Sample, TaskBuilder, score
 
@@ -125,6 +125,7 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
         split = ids.shape[1] - 1
     with torch.inference_mode():
         if cell.placement == "streamed":
+            prepare_scoring(model, tokenizer, cache)
             for start in range(0, split, STREAM_CHUNK):
                 model(ids[:, start : min(split, start + STREAM_CHUNK)], **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
         elif split is not None and cell.method != "full":
@@ -141,11 +142,13 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
     return rows
 
 
-def _perplexity(model, samples: list[Sample], cell: Cell, settings: dict, block: int) -> list[dict]:
-    """Negative log-likelihood of each sample read ``block`` tokens at a time through the cell's cache."""
+def _perplexity(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict, block: int) -> list[dict]:
+    """Negative log-likelihood of each sample read ``block`` tokens at a time through the cell's
+    cache (scored by the learned scorer as it is written, when the method uses it)."""
     ids, cache = torch.tensor([s.input_ids for s in samples], device=model.device), _cache(model, cell, settings)
     nll = torch.zeros(len(samples), dtype=torch.float64, device=model.device)
     with torch.inference_mode():
+        prepare_scoring(model, tokenizer, cache)
         for start in range(0, ids.shape[1] - 1, block):
             chunk = ids[:, start : start + block]
             logits = model(input_ids=chunk, **cache_arg(model, cache), use_cache=True).logits
@@ -216,7 +219,7 @@ def run_eval(
     pending: dict[Cell, list[int]] = {}
     for cell, i in todo:
         pending.setdefault(cell, []).append(i)
-    run = lambda cell, items: (_perplexity(model, items, cell, settings, ppl_block) if cell.task == "ppl"  # noqa: E731
+    run = lambda cell, items: (_perplexity(model, tokenizer, items, cell, settings, ppl_block) if cell.task == "ppl"  # noqa: E731
                                else _answer(model, tokenizer, items, cell, settings))
     with open(out_dir / RESULTS, "a", encoding="utf-8") as sink, \
             tqdm(total=len(todo), desc="eval", unit="sample", disable=not progress) as bar:

@@ -30,7 +30,7 @@ class KVzip(Method):
     paper = "KVzip, arXiv 2505.23416"
     scores = "importance"
 
-    scoring: Importance = field(default_factory=lambda: Importance(surprise_weight=0.0, fact_weight=0.0))
+    scoring: Importance = field(default_factory=lambda: Importance(importance="local", surprise_weight=0.0, fact_weight=0.0))
 
     def compress(self, keys, values, log_counts, n_remove, *, sink_tokens, window, scores=None):
         return evict_lowest(keys, values, log_counts, scores, n_remove, sink_tokens, window, scores)

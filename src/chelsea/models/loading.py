@@ -190,6 +190,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
     if not placement:
         model.to(dev)
     model.eval()
+    if name in BUILTIN_MODELS:  # its weights are pinned: calibrations shipped with the package apply (scoring.store)
+        model.__dict__["_chelsea_builtin"] = name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

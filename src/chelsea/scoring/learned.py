@@ -16,7 +16,9 @@ An entry's score is ``exp(predicted log-score) + fact_weight * predicted agreeme
 an entry of the prompt and a token decoded later rank on one scale. Every new entry gets its score
 in the forward that writes it (decoded tokens, chat turns, streamed chunks), through the layers'
 observers (:func:`learned_scorer`); :func:`score_learned` scores a whole context for
-:func:`chelsea.scoring.compress_context` without any extra forward.
+:func:`chelsea.scoring.compress_context` without any extra forward. A cache that no pass has scored
+whole (a context read in chunks, a chat fed turn by turn) splits its budget over layers by the
+score profile the fit measured per layer, as a whole context splits it by its own scores.
 
 The fit is ridge regression in closed form over the teacher's scores on :data:`~.calibration.
 TRAINING_PROMPTS` prompts (essays of the calibration set with planted codes, and code-like text:
@@ -37,11 +39,12 @@ from tqdm.auto import tqdm
 
 from ..cache import ClusteredCache
 from ..errors import ChelseaError
+from .budgets import profile_shares, score_profile
 from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
 from .fact_heads import consensus, find_fact_heads, lend_ranks
-from .store import stored_path
+from .store import shipped_path, stored_path
 
-LEARNED_VERSION = 1  # raise when the fit changes, so stored scorers are not reused
+LEARNED_VERSION = 2  # raise when the fit changes, so stored scorers are not reused
 HELD_OUT = 2
 TOP_SHARE = 0.2  # the metrics' kept share: what 80% removed keeps
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class LearnedScorer:
 
     weights: list[torch.Tensor]
     metrics: dict = field(default_factory=dict)
+    profile: torch.Tensor | None = None  # [layers, points]: quantiles of each layer's predicted scores (held-out prompts)
     _stacked: dict = field(default_factory=dict, repr=False, compare=False)
 
     def predict(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +101,34 @@ class LearnedScorer:
             own = [p[0] for p in predictions]
             agreed = torch.stack([p[1].to(predictions[0][1].device) for p in predictions]).mean(0)
         weight = cache.method.scoring.fact_weight
+        self._share_budgets(cache, [layer for _, layer in layers])
         for j, (_, layer) in enumerate(layers):
             score = own[j] + weight * agreed.to(own[j].device)[:, None, :]
             if layer.pinned:
                 layer._score_buf.index_copy_(2, layer.slot, score)
             else:
                 layer.scores[:, :, -layer.new_tokens :] = score
+
+    def _share_budgets(self, cache, layers: list) -> None:
+        """Uneven layer budgets for a cache that no pass has scored whole (a context read in chunks,
+        a chat fed turn by turn): split by this scorer's score profile (:func:`.budgets.profile_shares`), as
+        :func:`compress_context` splits a whole context by its scores. Without it every chunk
+        would be cut to an even share per layer, which loses the facts that a few layers hold.
+        Only after forwards of several tokens and before any whole-context scoring (whose split
+        stands), never inside a captured decoding step."""
+        if self.profile is None or len(self.profile) != len(cache.layers) or len(layers) != len(cache.layers):
+            return
+        if any(layer.new_tokens <= 1 or layer.pinned or not layer.rescore or layer.has_padding for layer in layers):
+            return
+        cfg = cache.config
+        seen = layers[0].seen
+        keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
+        region = seen - cfg.sink_tokens - cfg.window
+        if keep <= 0 or region <= keep:
+            return
+        shares = profile_shares(self.profile, keep, region, cache.method.scoring.layer_floor)
+        for layer, share in zip(layers, shares):
+            layer.share = share / keep
 
     def _predict_stacked(self, indices: list[int], keys: torch.Tensor, values: torch.Tensor):
         """:meth:`predict` of several layers' entries ``[layers, batch, kv, n, d]`` at once:
@@ -116,7 +142,8 @@ class LearnedScorer:
         return y[..., :-1].clamp(max=1.0).exp().transpose(2, 3), y[..., -1].mean(0)
 
     def to_dict(self) -> dict:
-        return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics}
+        return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics,
+                "profile": self.profile}
 
 
 def _new_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,17 +222,21 @@ def _lend(model, scorer: LearnedScorer, key) -> None:
 def find_learned(model, tokenizer, cache) -> LearnedScorer:
     """The learned scorer of ``model`` for ``cache``'s settings: fitted on first use (the fact heads
     too, if need be), remembered on the model, stored in the model cache folder, and lent to the
-    model's attention modules so that every later forward scores its new entries with it."""
+    model's attention modules so that every later forward scores its new entries with it. A
+    built-in model's scorer may ship with the package (:func:`.store.shipped_path`)."""
     key = learned_key(cache.config, cache.method)
     memo = model.__dict__.setdefault("_chelsea_learned", {})
     if key not in memo:
         stored = stored_path(model, "learned", key, suffix="pt")
-        if stored is not None and stored.is_file():
-            try:
-                data = torch.load(stored, map_location="cpu", weights_only=True)
-                memo[key] = LearnedScorer([w.float() for w in data["weights"]], dict(data.get("metrics", {})))
-            except (OSError, RuntimeError, KeyError, ValueError):
-                pass  # a damaged file: fit again
+        for path in (stored, shipped_path(model, "learned", key, suffix="pt")):
+            if key not in memo and path is not None and path.is_file():
+                try:
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+                    profile = data.get("profile")
+                    memo[key] = LearnedScorer([w.float() for w in data["weights"]], dict(data.get("metrics", {})),
+                                              None if profile is None else profile.float())
+                except (OSError, RuntimeError, KeyError, ValueError):
+                    pass  # a damaged file: fit again
         if key not in memo:
             memo[key] = train_learned(model, tokenizer, cache)
             if stored is not None:
@@ -216,6 +247,15 @@ def find_learned(model, tokenizer, cache) -> LearnedScorer:
                     pass  # a read-only cache folder: fit again next time
     _lend(model, memo[key], key)
     return memo[key]
+
+
+def prepare_scoring(model, tokenizer, cache) -> LearnedScorer | None:
+    """Make ``model``'s plain forwards score ``cache``'s entries as :func:`compress_context` would:
+    for a method scored by the learned scorer, find (or fit) it and lend it to the model, so text
+    appended in forwards of its own (a chat, a context read in chunks) gets its scores as it is
+    written. Returns the scorer, or ``None`` for a method that does not use one (nothing to do)."""
+    method = getattr(cache, "method", None)
+    return find_learned(model, tokenizer, cache) if method is not None and _asks_learned(method) else None
 
 
 def train_learned(model, tokenizer, cache, *, prompts: int = TRAINING_PROMPTS, length: int = TRAINING_LENGTH,
@@ -254,7 +294,7 @@ def train_learned(model, tokenizer, cache, *, prompts: int = TRAINING_PROMPTS, l
     for xtx, xty in sums:
         reg = ridge * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
         weights.append(torch.linalg.solve(xtx + reg, xty).float().cpu())
-    scorer = LearnedScorer(weights)
+    scorer = LearnedScorer(weights, profile=_profile(weights, held))
     scorer.metrics = {**_agreement(scorer, held, cache.method.scoring.fact_weight), "seconds": round(time.perf_counter() - start, 2),
                       "prompts": prompts, "length": length}
     log.info("learned scorer fitted: %s", scorer.metrics)
@@ -275,6 +315,16 @@ def _examples(probe, heads):
         ys.append(torch.cat([own[0].clamp_min(1e-6).log().T, agreed[:, None]], dim=-1))
         regions.append(own.clone())
     return xs, ys, (regions, agreed)
+
+
+def _profile(weights: list[torch.Tensor], held: list) -> torch.Tensor:
+    """``[layers, points]``: each layer's predicted region scores on the held-out prompts, as
+    quantiles (:func:`.budgets.score_profile`, averaged over the prompts)."""
+    profiles = []
+    for xs, _, _ in held:
+        predicted = [(x @ w.to(x.device))[:, :-1].clamp(max=1.0).exp().T[None] for x, w in zip(xs, weights)]
+        profiles.append(torch.stack([score_profile(p).cpu() for p in predicted]))
+    return torch.stack(profiles).mean(0)
 
 
 def _agreement(scorer: LearnedScorer, held: list, fact_weight: float) -> dict:

@@ -148,8 +148,9 @@ class Engine(PrefillWorker):
         return self.prompts.completion_ids(prompt, self.documents[document].ids if document is not None else None)
 
     def prepare(self, method: str | None = None) -> bool:
-        """Do the once-per-model work of ``method`` (default: the server's) now: the fact-head
-        calibration of ``chelsea`` (stored for later runs). Returns whether there was any."""
+        """Do the once-per-model work of ``method`` (default: the server's) now: the learned
+        scorer of ``chelsea`` (or its fact heads with reconstruction scoring), stored for later
+        runs. Returns whether there was any."""
         name = method or self.method
         chosen = self.configured(name) if name != "full" else None
         if chosen is None or chosen.scores != "importance":
