@@ -24,8 +24,9 @@ rest of the text away. This method does both, per layer, on scores from
    representative, is dropped, as eviction would.
 
 A merged entry keeps its representative's score (the highest of its members: everything not
-kept scored lower). Tokens decoded later arrive with score 0: once they leave the window they are
-the first to be merged into a similar representative, never into an exact entry. While decoding,
+kept scored lower). Tokens decoded later arrive with the learned scorer's score for them (the
+default), ranked like the prompt's; with reconstruction scores they arrive with 0, so once they
+leave the window they are the first to be merged into a similar representative. While decoding,
 only the last ``decode_span`` entries before the window are re-clustered (where the new tokens
 are), so a clustering costs the same at any context length.
 """
