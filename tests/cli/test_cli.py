@@ -241,3 +241,9 @@ def test_serve_calibrates_first_and_says_where_it_listens(tiny_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_calibrate_ships_only_a_built_in_models_learned_scorer(tiny_model_dir):
+    for extra in (["--model", str(tiny_model_dir)], ["--model", "smollm2-135m", "--set", "importance=local"]):
+        out = chelsea_cli("calibrate", "--ship", *extra)
+        assert out.returncode == 2 and "--ship" in out.stderr and "Traceback" not in out.stderr

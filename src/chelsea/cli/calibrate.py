@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ..errors import ChelseaError
+from ..models import BUILTIN_MODELS
 from ..settings import CompressionConfig
 from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, SetOpt, SinkOpt, WindowOpt, app, parse_settings
 
@@ -38,6 +40,9 @@ def calibrate(
     own = parse_settings(settings)
     check_settings_known(["chelsea"], own)
     config = CompressionConfig(sink_tokens=sinks, window=window)
+    if ship and (model not in BUILTIN_MODELS or configure("chelsea", own).scoring.importance != "learned"):
+        raise ChelseaError(f"--ship writes a built-in model's learned scorer ({', '.join(BUILTIN_MODELS)}); "
+                           "drop --ship, or name one of them and keep importance=learned")
     if model in PRESETS or tokenizer:
         lm, words = load_with_tokenizer(model, tokenizer)
     else:
@@ -53,13 +58,12 @@ def calibrate(
     report = {"model": model, "device": str(lm.device), "fact_heads": [list(h) for h in heads.heads], "fact_heads_s": round(found - start, 2),
               "learned": None if scorer is None else scorer.metrics, "learned_s": round(done - found, 2)}
     if ship:
-        from ..errors import ChelseaError
         from ..scoring.learned import learned_key
         from ..scoring.store import shipped_path
 
         target = shipped_path(lm, "learned", learned_key(cache.config, cache.method), suffix="pt")
         if scorer is None or target is None:
-            raise ChelseaError("--ship needs a built-in model (chelsea models) and --set importance=learned")
+            raise ChelseaError("--ship could not place the scorer (a tensor-parallel run stores none)")
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(scorer.to_dict(), target)
         report["shipped"] = target.name
