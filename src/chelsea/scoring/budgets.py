@@ -16,7 +16,7 @@ import torch
 
 
 def split_budgets(cache, floor: float, even: frozenset[int] = frozenset(), profile: torch.Tensor | None = None) -> None:
-    """Give each layer of ``cache`` (prefilled, not yet compressed) its share of the budget beyond
+    """Give each layer of ``cache`` (prefilled, not yet compressed, unless split by ``profile``) its share of the budget beyond
     sinks and window (``layer.share``, relative to an even split), by the scores of all layers
     ranked together (:func:`layer_shares`); the layers whose indices are in ``even`` (scored
     otherwise than the rest, so not comparable) keep an even share and the others split theirs.
@@ -28,10 +28,12 @@ def split_budgets(cache, floor: float, even: frozenset[int] = frozenset(), profi
     cfg = cache.config
     seen = layers[0].seen
     keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
-    if keep <= 0 or any(layer.length != seen for layer in layers):
+    if keep <= 0:
         return
-    if profile is not None and len(profile) == len(layers):
+    if profile is not None and len(profile) == len(layers):  # needs no scores, so also a compressed cache
         ranked, shares = layers, profile_shares(profile, keep, seen - cfg.sink_tokens - cfg.window, floor)
+    elif any(layer.length != seen for layer in layers):  # ranking scores needs every entry uncompressed
+        return
     else:
         ranked = [layer for i, layer in enumerate(cache.layers) if layer.is_initialized and i not in even]
         regions = [layer.scores[:, :, cfg.sink_tokens : layer.length - cfg.window] for layer in ranked]

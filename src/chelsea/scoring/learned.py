@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..cache import ClusteredCache
 from ..errors import ChelseaError
-from .budgets import profile_shares, score_profile
+from .budgets import score_profile, split_budgets
 from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
 from .fact_heads import consensus, find_fact_heads, lend_ranks
 from .store import shipped_path, stored_path
@@ -111,24 +111,18 @@ class LearnedScorer:
 
     def _share_budgets(self, cache, layers: list) -> None:
         """Uneven layer budgets for a cache that no pass has scored whole (a context read in chunks,
-        a chat fed turn by turn): split by this scorer's score profile (:func:`.budgets.profile_shares`), as
+        a chat fed turn by turn): split by this scorer's score profile (:func:`.budgets.split_budgets`), as
         :func:`compress_context` splits a whole context by its scores. Without it every chunk
         would be cut to an even share per layer, which loses the facts that a few layers hold.
         Only after forwards of several tokens and before any whole-context scoring (whose split
         stands), never inside a captured decoding step."""
         if self.profile is None or len(self.profile) != len(cache.layers) or len(layers) != len(cache.layers):
             return
-        if any(layer.new_tokens <= 1 or layer.pinned or not layer.rescore or layer.has_padding for layer in layers):
+        if any(layer.new_tokens <= 1 or layer.pinned or not layer.rescore for layer in layers):
             return
-        cfg = cache.config
-        seen = layers[0].seen
-        keep = cfg.budget(seen) - cfg.sink_tokens - cfg.window
-        region = seen - cfg.sink_tokens - cfg.window
-        if keep <= 0 or region <= keep:
+        if cache.config.budget(layers[0].seen) >= layers[0].seen:  # nothing to remove yet: the shares stay
             return
-        shares = profile_shares(self.profile, keep, region, cache.method.scoring.layer_floor)
-        for layer, share in zip(layers, shares):
-            layer.share = share / keep
+        split_budgets(cache, cache.method.scoring.layer_floor, profile=self.profile)
 
     def _predict_stacked(self, indices: list[int], keys: torch.Tensor, values: torch.Tensor):
         """:meth:`predict` of several layers' entries ``[layers, batch, kv, n, d]`` at once:
