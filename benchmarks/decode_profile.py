@@ -9,6 +9,7 @@ replays). ``wall_ms_per_step`` is measured under the profiler. Prints a table an
 CUDA only.
 
 Usage: python benchmarks/decode_profile.py --model llama3-8b --context 32768 --batch 4 --out profile.json
+       python benchmarks/decode_profile.py --model qwen2.5-7b --method chelsea --tokenizer TOKENIZER_DIR --batch 1
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import chelsea
 from chelsea import CompressionConfig
 from chelsea.compat import cache_arg
-from chelsea.models import load_preset_or_model
+from chelsea.models import load_preset_or_model, load_with_tokenizer
 from chelsea.runtime import GraphDecoder
+from chelsea.scoring import prepare_scoring
 
 
 def kind(name: str) -> str:
@@ -48,15 +50,23 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--compress-every", type=int, default=None)
+    p.add_argument("--tokenizer", help="tokenizer folder for a preset: a method scored by the learned scorer fits and uses it "
+                                       "(without one its entries go unscored)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    model = chelsea.prepare_model(load_preset_or_model(args.model))
+    if args.tokenizer:
+        model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
+        model = chelsea.prepare_model(model)
+    else:
+        model, tokenizer = chelsea.prepare_model(load_preset_or_model(args.model)), None
     ratio = 0.0 if args.method == "full" else args.ratio
     cache = chelsea.ClusteredCache(CompressionConfig(ratio=ratio, compress_every=args.compress_every),
                                    method="chelsea-paper" if args.method == "full" else args.method)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
     with torch.inference_mode():
+        if tokenizer is not None:
+            prepare_scoring(model, tokenizer, cache)
         token = model(ids, **cache_arg(model, cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
         decoder = GraphDecoder(model, cache, token, headroom=args.steps + 16)
         for _ in range(8):

@@ -81,6 +81,26 @@ def test_pinned_steps_score_their_token_like_ordinary_steps(learned):
         torch.testing.assert_close(mine.scores, ref.scores, rtol=1e-4, atol=1e-4)
 
 
+def test_a_long_forward_scored_layer_by_layer_in_pieces_gets_the_stacked_scores(learned, monkeypatch):
+    """Entries too many to stack (a batched prefill through the hooks) are scored one layer at a
+    time, in pieces of a bounded size; the scores are the ones one batched product gives."""
+    import chelsea.scoring.learned as module
+
+    model, tokenizer, cache, scorer = learned
+    ids = torch.randint(0, 1000, (2, 96), generator=torch.Generator().manual_seed(4))
+    caches = []
+    for stack, chunk in ((1 << 30, 1 << 30), (0, 2 * 2 * 16 * 7)):  # pieces of 7 entries (2 rows, 2 KV heads, 16 dims)
+        monkeypatch.setattr(module, "STACK_ELEMENTS", stack)
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk)
+        other = ClusteredCache(ratio=0.0, window=16, importance="learned")
+        with torch.no_grad():
+            model(ids, **cache_arg(model, other), use_cache=True)
+        caches.append(other)
+    for mine, ref in zip(*(c.layers for c in caches)):
+        assert mine.scores.shape[-1] == 96 and ref.scores.std() > 0  # scored, not left at a constant
+        torch.testing.assert_close(mine.scores, ref.scores, rtol=1e-5, atol=1e-6)
+
+
 def test_a_fitted_scorer_is_stored_and_reused_and_other_weights_or_settings_fit_again(learned, monkeypatch):
     import chelsea.scoring.learned as module
 

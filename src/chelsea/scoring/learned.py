@@ -46,6 +46,8 @@ from .store import shipped_path, stored_path
 
 LEARNED_VERSION = 2  # raise when the fit changes, so stored scorers are not reused
 HELD_OUT = 2
+STACK_ELEMENTS = 1 << 22  # new key elements of all layers together up to which they are scored in one batched product
+CHUNK_ELEMENTS = 1 << 24  # key elements per product beyond which a layer's entries are scored in pieces (bounds the features' memory)
 TOP_SHARE = 0.2  # the metrics' kept share: what 80% removed keeps
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ class LearnedScorer:
         w = self.weights[layer]
         if w.device != keys.device:
             w = self.weights[layer] = w.to(keys.device)
-        y = features(keys, values) @ w
+        step = max(1, CHUNK_ELEMENTS // max(1, keys[:, :, :1].numel()))
+        y = torch.cat([features(keys[:, :, i : i + step], values[:, :, i : i + step]) @ w for i in range(0, max(1, keys.shape[2]), step)], 1)
         return y[..., :-1].clamp(max=1.0).exp().transpose(1, 2), y[..., -1]
 
     def score_new(self, cache) -> None:
@@ -89,25 +92,26 @@ class LearnedScorer:
         predicted scores plus ``fact_weight`` times the agreement predicted by all layers together
         (their mean). At the write slot when the layers are pinned (a CUDA graph's step). The
         layers go through one batched product when they share a device and shape (a decoding step
-        then launches a few kernels per layer, not a dozen)."""
+        then launches a few kernels per layer, not a dozen); a long forward (a batched prefill)
+        goes layer by layer, in pieces, so its features never hold all layers' entries at once."""
         layers = [(i, layer) for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.new_tokens]
         if not layers:
             return
         keys, values = zip(*(_new_entries(layer) for _, layer in layers))
-        if len({(k.device, k.shape, v.shape) for k, v in zip(keys, values)}) == 1:
-            own, agreed = self._predict_stacked([i for i, _ in layers], torch.stack(keys), torch.stack(values))
-        else:  # layers spread over devices or shaped differently: one product each
-            predictions = [self.predict(i, k, v) for (i, _), k, v in zip(layers, keys, values)]
-            own = [p[0] for p in predictions]
-            agreed = torch.stack([p[1].to(predictions[0][1].device) for p in predictions]).mean(0)
         weight = cache.method.scoring.fact_weight
+        if len({(k.device, k.shape, v.shape) for k, v in zip(keys, values)}) == 1 and sum(k.numel() for k in keys) <= STACK_ELEMENTS:
+            own, agreed = self._predict_stacked([i for i, _ in layers], torch.stack(keys), torch.stack(values))
+            scores = own.add_(agreed[None, :, None, :], alpha=weight)  # [layers, batch, kv, n]: one kernel for all layers
+        else:  # layers spread over devices, shaped differently, or too many entries to stack: one product each
+            predictions = [self.predict(i, k, v) for (i, _), k, v in zip(layers, keys, values)]
+            agreed = torch.stack([p[1].to(predictions[0][1].device) for p in predictions]).mean(0)
+            scores = [p[0].add_(agreed.to(p[0].device)[:, None, :], alpha=weight) for p in predictions]
         self._share_budgets(cache, [layer for _, layer in layers])
-        for j, (_, layer) in enumerate(layers):
-            score = own[j] + weight * agreed.to(own[j].device)[:, None, :]
+        for (_, layer), score in zip(layers, scores):
             if layer.pinned:
                 layer._score_buf.index_copy_(2, layer.slot, score)
             else:
-                layer.scores[:, :, -layer.new_tokens :] = score
+                layer._score_buf[:, :, layer.length - layer.new_tokens : layer.length] = score
 
     def _share_budgets(self, cache, layers: list) -> None:
         """Uneven layer budgets for a cache that no pass has scored whole (a context read in chunks,
@@ -144,7 +148,8 @@ def _new_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values ``[batch, kv, n, d]`` the last forward wrote into ``layer``."""
     if layer.pinned:
         return layer._key_buf.index_select(2, layer.slot), layer._value_buf.index_select(2, layer.slot)
-    return layer.keys[:, :, -layer.new_tokens :], layer.values[:, :, -layer.new_tokens :]
+    start = layer.length - layer.new_tokens
+    return layer._key_buf[:, :, start : layer.length], layer._value_buf[:, :, start : layer.length]
 
 
 def _asks_learned(method) -> bool:
