@@ -30,24 +30,32 @@ def _decode_alone(model, cache, first, steps):
     return tokens
 
 
-@pytest.mark.parametrize("method,ratio,lengths", [
-    ("chelsea-paper", 0.5, (150, 260, 90)), ("chelsea", 0.8, (150, 260, 90)), ("snapkv", 0.5, (150, 260, 90)),
-    ("chelsea-paper", 0.0, (150, 260, 90)),
-    ("chelsea-paper", 0.2, (450, 520, 400)),  # long enough that decoding re-clusters only the recent span
+@pytest.mark.parametrize("method,ratio,lengths,shares", [
+    ("chelsea-paper", 0.5, (150, 260, 90), None), ("chelsea", 0.8, (150, 260, 90), None), ("snapkv", 0.5, (150, 260, 90), None),
+    ("chelsea-paper", 0.0, (150, 260, 90), None),
+    ("chelsea-paper", 0.2, (450, 520, 400), None),  # long enough that decoding re-clusters only the recent span
+    # uneven layer budgets (a short window and span, so every layer re-clusters a span of one length):
+    # the layers remove different numbers of entries from spans of the same length
+    ("chelsea", 0.8, (450, 520, 400), (0.8, 1.0, 1.3)),
 ])
 @pytest.mark.parametrize("deferred", [False, True], ids=["in-forward", "after-step"])
-def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, deferred):
+def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, shares, deferred):
     """Rows of different lengths join at different steps and one leaves early; every row's greedy
     tokens equal its own decoding (clustering included: each row keeps its own schedule), whether
-    each layer clusters during the forward or every due layer together after it (the server)."""
+    each layer clusters during the forward or every due layer together after it (the server,
+    whose due rows of all layers go through the method together, also when their layers remove
+    different numbers of entries)."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 300, (1, n)) for n in lengths]
-    fresh = lambda: ClusteredCache(CompressionConfig(ratio=ratio), method=method)  # noqa: E731
+    chosen = chelsea.get_method(method, decode_span=16) if shares else method
+    fresh = lambda: ClusteredCache(CompressionConfig(ratio=ratio, window=16 if shares else 64), method=chosen)  # noqa: E731
     alone, prefilled, firsts = [], [], []
     with torch.inference_mode():
         for prompt in prompts:
             cache = fresh()
             first = model(prompt, **cache_arg(model, cache), use_cache=True).logits[:, -1].argmax(-1)
+            for layer, share in zip(cache.layers, shares or ()):
+                layer.share = share
             prefilled.append(copy.deepcopy(cache))
             firsts.append(first)
             alone.append(_decode_alone(model, cache, first, 70))
@@ -80,7 +88,11 @@ def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, defe
     assert batch.row_positions() == [lengths[0] + 70, lengths[2] + 60]
     layer = batch.layers[0]
     real = layer.log_counts > float("-inf")
-    if ratio > 0:  # decoding kept clustering: each row holds its budget plus at most what one schedule adds
+    for other in batch.layers:  # rows stay left-padded: no hole after a row's first real entry
+        held = other.log_counts[:, 0] > float("-inf")
+        assert (held.int().cummax(-1).values == held.int()).all()
+    if ratio > 0 and shares is None:  # decoding kept clustering: each row holds its budget plus at most what one schedule adds
+        # (uneven shares are set after the prefill, so a layer below an even share shrinks to its budget only slowly)
         cfg = batch.config
         assert (real[:, 0].sum(-1) <= torch.tensor([cfg.budget(n) + layer.every for n in batch.row_positions()])).all()
     if method == "chelsea-paper":  # merging keeps every token: each row's counts sum to its tokens

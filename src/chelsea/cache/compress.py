@@ -92,8 +92,9 @@ def _dense_batch(group: list[tuple]) -> None:
 
 def _padded_rows(layers: list) -> None:
     """Padded rows (a padded prefill, a server's joined requests): the due rows of every layer that
-    have as many entries to compress and to remove go through the method together. Their rows'
-    statistics are read to the host in one transfer for all layers."""
+    have as many entries to compress (and, unless the method takes a number to remove per row, as
+    many to remove: ``chelsea``'s uneven layer budgets differ there) go through the method
+    together. Their rows' statistics are read to the host in one transfer for all layers."""
     row_groups: dict[tuple, list[tuple]] = {}
     stats = torch.cat([layer._row_stats().cpu() for layer in layers], dim=1).tolist()
     offset = 0
@@ -101,15 +102,21 @@ def _padded_rows(layers: list) -> None:
         rows = layer.keys.shape[0]
         apart = id(layer) if layer.new_tokens > 1 else None  # a prefill's compressions are large: layer by layer
         for b, idx, n_remove, start in layer._due_rows([r[offset : offset + rows] for r in stats]):
-            row_groups.setdefault((idx.numel() - start, n_remove, start > 0, apart), []).append((layer, b, idx, start))
+            amount = None if layer.method.rowwise_remove else n_remove
+            row_groups.setdefault((idx.numel() - start, amount, start > 0, apart), []).append((layer, b, idx, start, n_remove))
         offset += rows
     removed = {layer: 0 for layer in layers}
     lengths: dict = {layer: [] for layer in layers}
-    for (_, n_remove, local, _), items in row_groups.items():
-        parts = [layer._row(b, idx[start:]) for layer, b, idx, start in items]
-        out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), n_remove, sinks=0 if local else None)
-        for i, (layer, b, idx, start) in enumerate(items):
+    for (span, _, local, _), items in row_groups.items():
+        parts = [layer._row(b, idx[start:]) for layer, b, idx, start, _ in items]
+        removes = [n for *_, n in items]
+        amount = removes[0] if len(set(removes)) == 1 else removes
+        out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), amount, sinks=0 if local else None)
+        for i, (layer, b, idx, start, n_remove) in enumerate(items):
             row = tuple(t[i : i + 1] for t in out)
+            if not isinstance(amount, int):  # a row that removed more than the group's fewest holds padding after its entries
+                lo, hi = region_bounds(span, 0 if local else layer.config.sink_tokens, layer.config.window)
+                row = tuple(t[:, :, : span - min(n_remove, hi - lo)] for t in row)
             if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
                 row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
             layer._write_row(b, row)
