@@ -79,15 +79,20 @@ def _dense_batch(group: list[tuple]) -> None:
     for i, (layer, start, n_remove) in enumerate(group):
         before = layer.length
         mine = tuple(t[i * rows : (i + 1) * rows] for t in out)
-        if not isinstance(amount, int):  # a row that removed more than the group's fewest holds padding after its entries
-            span = layer.length - start
-            lo, hi = region_bounds(span, 0 if local else layer.config.sink_tokens, layer.config.window)
-            mine = tuple(t[:, :, : span - min(n_remove, hi - lo)] for t in mine)
+        if not isinstance(amount, int):
+            mine = _trimmed(mine, layer, layer.length - start, n_remove, local)
         if start:
             layer._store_from(start, mine)
         else:
             layer._store(*mine)
         layer._record(before - layer.length)
+
+
+def _trimmed(out: tuple, layer, span: int, n_remove: int, local: bool) -> tuple:
+    """``out`` of a compression that removed a number per row, cut to this row's entries: a row that
+    removed more than its batch's fewest holds padding after them."""
+    lo, hi = region_bounds(span, 0 if local else layer.config.sink_tokens, layer.config.window)
+    return tuple(t[:, :, : span - min(n_remove, hi - lo)] for t in out)
 
 
 def _padded_rows(layers: list) -> None:
@@ -114,9 +119,8 @@ def _padded_rows(layers: list) -> None:
         out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), amount, sinks=0 if local else None)
         for i, (layer, b, idx, start, n_remove) in enumerate(items):
             row = tuple(t[i : i + 1] for t in out)
-            if not isinstance(amount, int):  # a row that removed more than the group's fewest holds padding after its entries
-                lo, hi = region_bounds(span, 0 if local else layer.config.sink_tokens, layer.config.window)
-                row = tuple(t[:, :, : span - min(n_remove, hi - lo)] for t in row)
+            if not isinstance(amount, int):
+                row = _trimmed(row, layer, span, n_remove, local)
             if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
                 row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
             layer._write_row(b, row)
