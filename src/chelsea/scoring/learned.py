@@ -62,6 +62,12 @@ def features(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=-1)
 
 
+def _own_scores(y: torch.Tensor) -> torch.Tensor:
+    """The scores ``[..., kv]`` of a map's output ``y`` ``[..., kv + 1]``: its predicted log-scores,
+    capped at 1, exponentiated (the last column is the agreement)."""
+    return y[..., :-1].clamp(max=1.0).exp()
+
+
 def learned_key(config, method) -> tuple:
     """What a learned scorer depends on: the teacher's settings (and the fit's version)."""
     imp = method.scoring
@@ -85,7 +91,7 @@ class LearnedScorer:
             w = self.weights[layer] = w.to(keys.device)
         step = max(1, CHUNK_ELEMENTS // max(1, keys[:, :, :1].numel()))
         y = torch.cat([features(keys[:, :, i : i + step], values[:, :, i : i + step]) @ w for i in range(0, max(1, keys.shape[2]), step)], 1)
-        return y[..., :-1].clamp(max=1.0).exp().transpose(1, 2), y[..., -1]
+        return _own_scores(y).transpose(1, 2), y[..., -1]
 
     def score_new(self, cache) -> None:
         """Score the entries the last forward wrote, in every layer of ``cache``: each layer's own
@@ -137,7 +143,7 @@ class LearnedScorer:
             self._stacked = {"key": key, "weights": torch.stack([self.weights[i] for i in indices]).to(keys.device)}
         x = features(keys.flatten(0, 1), values.flatten(0, 1)).view(count, batch * n, -1)
         y = torch.bmm(x, self._stacked["weights"]).view(count, batch, n, -1)
-        return y[..., :-1].clamp(max=1.0).exp().transpose(2, 3), y[..., -1].mean(0)
+        return _own_scores(y).transpose(2, 3), y[..., -1].mean(0)
 
     def to_dict(self) -> dict:
         return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics,
@@ -321,7 +327,7 @@ def _profile(weights: list[torch.Tensor], held: list) -> torch.Tensor:
     quantiles (:func:`.budgets.score_profile`, averaged over the prompts)."""
     profiles = []
     for xs, _, _ in held:
-        predicted = [(x @ w.to(x.device))[:, :-1].clamp(max=1.0).exp().T[None] for x, w in zip(xs, weights)]
+        predicted = [_own_scores(x @ w.to(x.device)).T[None] for x, w in zip(xs, weights)]
         profiles.append(torch.stack([score_profile(p).cpu() for p in predicted]))
     return torch.stack(profiles).mean(0)
 
@@ -335,7 +341,7 @@ def _agreement(scorer: LearnedScorer, held: list, fact_weight: float) -> dict:
         ys = [x @ w.to(x.device) for x, w in zip(xs, scorer.weights)]
         mean = torch.stack([y[:, -1] for y in ys]).mean(0)
         for y, own in zip(ys, regions):
-            predicted = y[:, :-1].clamp(max=1.0).exp().T + fact_weight * mean[None]  # [kv, n]
+            predicted = _own_scores(y).T + fact_weight * mean[None]  # [kv, n]
             teacher = lend_ranks(own, agreed[None], fact_weight)[0]
             for a, b in zip(predicted, teacher):
                 ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()

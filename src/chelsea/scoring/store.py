@@ -23,6 +23,11 @@ from ..models import cache_dir
 SHIPPED = Path(__file__).parent / "shipped"
 
 
+def _distributed() -> bool:
+    """Under tensor parallelism each rank calibrates its own heads, and nothing is stored or shipped."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def weights_digest(model) -> str:
     """A digest of ``model``'s name and weights (every parameter's sum)."""
     with torch.no_grad():
@@ -34,7 +39,7 @@ def weights_digest(model) -> str:
 def stored_path(model, kind: str, key, suffix: str = "json") -> Path | None:
     """The file of calibration ``kind`` for ``model`` and settings ``key`` (``None`` under tensor
     parallelism)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         return None
     digest = hashlib.sha1(repr((weights_digest(model), key)).encode()).hexdigest()
     return cache_dir() / kind / f"{digest}.{suffix}"
@@ -44,6 +49,6 @@ def shipped_path(model, kind: str, key, suffix: str = "json") -> Path | None:
     """Where calibration ``kind`` for settings ``key`` ships with the package for ``model``, if it
     is a built-in model loaded by :func:`chelsea.models.load_model` (``None`` otherwise)."""
     name = model.__dict__.get("_chelsea_builtin")
-    if name is None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if name is None or _distributed():
         return None
     return SHIPPED / f"{name}-{kind}-{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.{suffix}"
