@@ -105,6 +105,32 @@ def test_padding_is_never_merged_and_batch_rows_match_single_runs():
         torch.testing.assert_close(layer.log_counts.exp().sum(-1).double(), real[:, None].expand(-1, 2))
 
 
+@pytest.mark.parametrize("method", ["chelsea-paper", "chelsea"])
+def test_padded_rows_compress_their_real_entries_as_alone(method):
+    """A row padded at its start and a row with padding inside (its real entries are not its last
+    slots: it is read and written alone) each hold, after compression, what the method makes of
+    that row's real entries alone, right-aligned."""
+    model = chelsea.prepare_model(tiny("llama"))
+    cache = ClusteredCache(CompressionConfig(ratio=0.5, sink_tokens=2, window=8), method=method)
+    ids = torch.randint(1, 256, (3, 100), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    mask[1, 40:60] = 0
+    with torch.no_grad(), cache.held():
+        model(ids, attention_mask=mask, **cache_arg(model, cache))
+    before = [tuple(t.clone() for t in layer._entries()) for layer in cache.layers]
+    cache.compress_all()
+    for layer, entries in zip(cache.layers, before):
+        for b in range(3):
+            real = entries[2][b, 0] > float("-inf")
+            n = int(real.sum())
+            alone = layer._run(tuple(t[b : b + 1][:, :, real] for t in entries), n - layer.budget(n, b))
+            kept = layer.log_counts[b, 0] > float("-inf")
+            assert bool(kept[-int(kept.sum()):].all())  # right-aligned
+            for want, got in zip(alone, layer._entries()):
+                torch.testing.assert_close(got[b : b + 1][:, :, kept], want)
+
+
 def test_short_prompt_is_not_compressed():
     model = chelsea.prepare_model(tiny("llama"))
     cache = ClusteredCache(ratio=0.8, sink_tokens=4, window=64)

@@ -11,6 +11,7 @@ import torch
 from ..methods import concat_references, region_bounds
 
 GROUP_ENTRIES = 1 << 21  # (row, head, entry) triples compressed in one batch: bounds the similarity blocks' memory
+REWRITE_ELEMENTS = 1 << 26  # elements of a layer's rows rewritten in one gather (padded rows): bounds its copies' memory
 
 
 def compress_together(layers: list) -> None:
@@ -99,36 +100,76 @@ def _padded_rows(layers: list) -> None:
     """Padded rows (a padded prefill, a server's joined requests): the due rows of every layer that
     have as many entries to compress (and, unless the method takes a number to remove per row, as
     many to remove: ``chelsea``'s uneven layer budgets differ there) go through the method
-    together. Their rows' statistics are read to the host in one transfer for all layers."""
+    together. Their rows' statistics are read to the host in one transfer for all layers. Rows
+    whose real entries are their last slots (as joins and compressions leave them) are read and
+    written back a layer's rows at a time (:meth:`~chelsea.cache.padding.Padding._rewrite_tails`);
+    others one by one."""
     row_groups: dict[tuple, list[tuple]] = {}
     stats = torch.cat([layer._row_stats().cpu() for layer in layers], dim=1).tolist()
     offset = 0
     for layer in layers:
         rows = layer.keys.shape[0]
         apart = id(layer) if layer.new_tokens > 1 else None  # a prefill's compressions are large: layer by layer
-        for b, idx, n_remove, start in layer._due_rows([r[offset : offset + rows] for r in stats]):
+        for b, stored, n_remove, start, contiguous in layer._due_rows([r[offset : offset + rows] for r in stats]):
             amount = None if layer.method.rowwise_remove else n_remove
-            row_groups.setdefault((idx.numel() - start, amount, start > 0, apart), []).append((layer, b, idx, start, n_remove))
+            row_groups.setdefault((stored - start, amount, start > 0, apart), []).append((layer, b, stored, start, n_remove, contiguous))
         offset += rows
     removed = {layer: 0 for layer in layers}
     lengths: dict = {layer: [] for layer in layers}
     for (span, _, local, _), items in row_groups.items():
-        parts = [layer._row(b, idx[start:]) for layer, b, idx, start, _ in items]
-        removes = [n for *_, n in items]
+        blocks = _blocks(items, span)
+        parts = [_read_block(block, span) for block in blocks]
+        removes = [item[4] for block in blocks for item in block]
         amount = removes[0] if len(set(removes)) == 1 else removes
         out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), amount, sinks=0 if local else None)
-        for i, (layer, b, idx, start, n_remove) in enumerate(items):
-            row = tuple(t[i : i + 1] for t in out)
-            if not isinstance(amount, int):
-                row = _trimmed(row, layer, span, n_remove, local)
-            if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
-                row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
-            layer._write_row(b, row)
-            removed[layer] = max(removed[layer], idx.numel() - row[0].shape[2])
-            lengths[layer].append(row[0].shape[2])
+        lo, hi = region_bounds(span, 0 if local else items[0][0].config.sink_tokens, items[0][0].config.window)
+        first = 0
+        for block in blocks:
+            layer, mine = block[0][0], tuple(t[first : first + len(block)] for t in out)
+            first += len(block)
+            kept = [span - min(n_remove, hi - lo) if not isinstance(amount, int) else mine[0].shape[2] for *_, n_remove, _ in block]
+            if block[0][5]:
+                layer._rewrite_tails([item[1] for item in block], [item[2] for item in block], span, kept, mine)
+            else:
+                (_, b, stored, start, _, contiguous), = block
+                idx = layer._real_entries(b, stored, contiguous)
+                row = tuple(t[:, :, : kept[0]] for t in mine)
+                if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
+                    row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
+                layer._write_row(b, row)
+            for item, k in zip(block, kept):
+                removed[layer] = max(removed[layer], span - k)
+                lengths[layer].append(item[2] - span + k)
     for layer, count in removed.items():
         if count:
             # every row still holds at least its compressed length, so the shared padding in front
             # is at most the layer's length minus the longest row compressed now
             layer._drop_leading_padding(at_most=layer.length - max(lengths[layer]))
         layer._record(count)
+
+
+def _blocks(items: list[tuple], span: int) -> list[list[tuple]]:
+    """``items`` (due rows of one compression group) as blocks read and written together: per
+    layer, its rows whose real entries are their last slots (in pieces that bound the rewrite's
+    memory), then every other row alone."""
+    by_layer: dict = {}
+    alone = []
+    for item in items:
+        if item[5]:
+            by_layer.setdefault(item[0], []).append(item)
+        else:
+            alone.append([item])
+    blocks = []
+    for layer, rows in by_layer.items():
+        per = max(1, REWRITE_ELEMENTS // max(1, layer.keys[:1].numel()))
+        blocks += [rows[i : i + per] for i in range(0, len(rows), per)]
+    return blocks + alone
+
+
+def _read_block(block: list[tuple], span: int) -> tuple[torch.Tensor, ...]:
+    """The entries to compress of a block's rows: the last ``span`` real entries of each."""
+    layer, b, stored, start, _, contiguous = block[0]
+    if contiguous:
+        rows = torch.tensor([item[1] for item in block], device=layer.device)
+        return tuple(t[:, :, layer.length - span :].index_select(0, rows) for t in layer._entries())
+    return layer._row(b, layer._real_entries(b, stored, contiguous)[start:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .storage import left_padded
+from .storage import PAD_FILL, left_padded
 
 
 class Padding:
@@ -58,9 +58,10 @@ class Padding:
         padding = self.row_padding.to(valid.device) if self.row_padding is not None else torch.zeros_like(contiguous, dtype=torch.long)
         return torch.stack([valid.sum(-1), contiguous.long(), padding])
 
-    def _due_rows(self, stats: list[list[int]] | None = None) -> list[tuple[int, torch.Tensor, int, int]]:
-        """Padded rows to cluster now, each as (row, indices of its real entries, entries to
-        remove, local start as :meth:`_local_start` gives it for the row's real entries).
+    def _due_rows(self, stats: list[list[int]] | None = None) -> list[tuple[int, int, int, int, bool]]:
+        """Padded rows to cluster now, each as (row, real entries stored, entries to remove, local
+        start as :meth:`_local_start` gives it for the row's real entries, whether the real entries
+        are the row's last slots: :meth:`_real_entries` finds them otherwise).
 
         ``stats`` is :meth:`_row_stats` read to the host (one read for many layers); joined rows
         (:meth:`append_rows`) are due only when their own schedule says so."""
@@ -71,18 +72,40 @@ class Padding:
             due = (self.row_since >= self.every) | (self.new_tokens > 1)
             to_remove = [n if d else 0 for n, d in zip(to_remove, due.tolist())]
             self.row_since[due] = 0
-        jobs = []
-        for b, n_remove in enumerate(to_remove):
-            if n_remove > 0:
-                if contiguous[b]:  # the row's real entries are its last ``stored`` slots: no search
-                    idx = torch.arange(self.length - stored[b], self.length, device=self.device)
-                else:
-                    idx = (self.log_counts[b, 0] > float("-inf")).nonzero().squeeze(-1)
-                jobs.append((b, idx, n_remove, self._local_start(stored[b])))
-        return jobs
+        return [(b, stored[b], n_remove, self._local_start(stored[b]), bool(contiguous[b]))
+                for b, n_remove in enumerate(to_remove) if n_remove > 0]
+
+    def _real_entries(self, b: int, stored: int, contiguous: bool) -> torch.Tensor:
+        """Indices of row ``b``'s real entries (``stored`` of them)."""
+        if contiguous:  # the row's real entries are its last ``stored`` slots: no search
+            return torch.arange(self.length - stored, self.length, device=self.device)
+        return (self.log_counts[b, 0] > float("-inf")).nonzero().squeeze(-1)
 
     def _row(self, b: int, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t[b : b + 1].index_select(2, idx) for t in self._entries())
+
+    def _rewrite_tails(self, rows: list[int], stored: list[int], span: int, kept: list[int],
+                       tails: tuple[torch.Tensor, ...]) -> None:
+        """Rows ``rows``, whose ``stored`` real entries are their last slots, had their last
+        ``span`` entries compressed to the first ``kept`` entries of ``tails`` (one tensor per
+        buffer, ``[rows, heads, >= max(kept), ...]``): rewrite them right-aligned in one gather
+        per buffer (not one copy per row), the entries before the span shifted up by what was
+        removed and padding in front."""
+        length, device = self.length, self.device
+        index = torch.tensor([rows, stored, kept], device=device)
+        b, stored_t, kept_t = index[0], index[1, :, None], index[2, :, None]
+        removed = span - kept_t
+        slot = torch.arange(length, device=device)[None]
+        # sources: [one padding slot | the rows' stored slots | the compressed tails]
+        source = torch.where(slot >= length - kept_t, 1 + length + slot - (length - kept_t), 1 + slot - removed)
+        source = torch.where(slot < length - stored_t + removed, 0, source)
+        for name, tail in zip(self._buffers, tails):
+            buf = getattr(self, name)
+            old = buf[:, :, :length].index_select(0, b)
+            fill = old.new_full((*old.shape[:2], 1, *old.shape[3:]), PAD_FILL[name])
+            joined = torch.cat([fill, old, tail], dim=2)
+            take = source.view(len(rows), 1, length, *([1] * (old.dim() - 3))).expand(*old.shape)
+            buf[:, :, :length].index_copy_(0, b, torch.gather(joined, 2, take))
 
     def _write_row(self, b: int, row: tuple[torch.Tensor, ...]) -> None:
         """Rewrite row ``b`` with ``row`` (no longer than the stored length), right-aligned."""
@@ -93,7 +116,8 @@ class Padding:
         """Pinned rows with padding: cluster each due row's real entries alone, then rebuild the
         rows left-padded to one length in the same buffers (unpinned layers batch their rows
         through :func:`compress_together`)."""
-        jobs = {b: (idx, n_remove, start) for b, idx, n_remove, start in self._due_rows()}
+        jobs = {b: (self._real_entries(b, stored, contiguous), n_remove, start)
+                for b, stored, n_remove, start, contiguous in self._due_rows()}
         if not jobs:
             self._record(0)
             return
