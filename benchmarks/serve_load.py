@@ -8,7 +8,8 @@ answer, end-of-sequence ignored so every answer has the same length):
   every question names it, so each request starts from a copy of its compressed cache.
 - ``distinct``: every request brings its own document, prefilled and compressed on arrival.
 
-After a rehearsal of every path (not measured), one client alone measures the time to first token of a question whose prompt
+After a rehearsal of every path (the shared load once, not measured: every batch size the load
+reaches has run), one client alone measures the time to first token of a question whose prompt
 holds the whole document (prefill + compression) against one on the registered document.
 
 The engine is driven in-process (the HTTP layer of ``chelsea serve`` adds the same small cost to
@@ -141,8 +142,9 @@ def measure_method(engine: Engine, method: str, args, docs: list[list[int]], que
     if rehearse:
         engine.prepare(method)  # a calibration or a scorer's fit happens once, outside the measurement
         rehearsal = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
-        run_load(engine, method, ratio, [docs[0] + q for q in questions[: min(16, args.clients)]], min(16, args.clients),
-                 args.max_tokens, rehearsal["document"])
+        # the whole load once: every batch size it reaches runs (and compiles its kernels) before the measurement
+        run_load(engine, method, ratio, [docs[0] + q for q in questions[: args.clients]], args.clients, args.max_tokens,
+                 rehearsal["document"])
         engine.documents.clear()
     once = first_vs_second(engine, method, ratio, docs[0], questions[0], args.max_tokens)
     print(f"{method}: first question {once['ttft_inline_s']:.3f} s to first token, registered {once['ttft_registered_s']:.3f} s "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..methods import concat_references, region_bounds
+from .padding import row_stats
 
 GROUP_ENTRIES = 1 << 21  # (row, head, entry) triples compressed in one batch: bounds the similarity blocks' memory
 REWRITE_ELEMENTS = 1 << 26  # elements of a layer's rows rewritten in one gather (padded rows): bounds its copies' memory
@@ -100,20 +101,17 @@ def _padded_rows(layers: list) -> None:
     """Padded rows (a padded prefill, a server's joined requests): the due rows of every layer that
     have as many entries to compress (and, unless the method takes a number to remove per row, as
     many to remove: ``chelsea``'s uneven layer budgets differ there) go through the method
-    together. Their rows' statistics are read to the host in one transfer for all layers. Rows
+    together. Their rows' statistics are read to the host in one transfer for all layers
+    (:func:`~chelsea.cache.padding.row_stats`). Rows
     whose real entries are their last slots (as joins and compressions leave them) are read and
     written back a layer's rows at a time (:meth:`~chelsea.cache.padding.Padding._rewrite_tails`);
     others one by one."""
     row_groups: dict[tuple, list[tuple]] = {}
-    stats = torch.cat([layer._row_stats().cpu() for layer in layers], dim=1).tolist()
-    offset = 0
-    for layer in layers:
-        rows = layer.keys.shape[0]
+    for layer, stats in zip(layers, row_stats(layers)):
         apart = id(layer) if layer.new_tokens > 1 else None  # a prefill's compressions are large: layer by layer
-        for b, stored, n_remove, start, contiguous in layer._due_rows([r[offset : offset + rows] for r in stats]):
+        for b, stored, n_remove, start, contiguous in layer._due_rows(stats):
             amount = None if layer.method.rowwise_remove else n_remove
             row_groups.setdefault((stored - start, amount, start > 0, apart), []).append((layer, b, stored, start, n_remove, contiguous))
-        offset += rows
     removed = {layer: 0 for layer in layers}
     lengths: dict = {layer: [] for layer in layers}
     for (span, _, local, _), items in row_groups.items():

@@ -116,8 +116,11 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         """Entries batch row ``row`` keeps after ``tokens`` tokens: the config's budget, its part
         beyond sinks and window scaled by ``share`` (uneven layer budgets; one share per row once
         rows compressed apart were joined, see :meth:`append_rows`)."""
+        return self._shared_budget(tokens, self.share if isinstance(self.share, float) else float(self.share[row]))
+
+    def _shared_budget(self, tokens: int, share: float) -> int:
+        """:meth:`budget` for a row whose share is ``share``."""
         base = self.config.budget(tokens)
-        share = self.share if isinstance(self.share, float) else float(self.share[row])
         if share == 1.0:
             return base
         protected = self.config.sink_tokens + self.config.window

@@ -13,6 +13,37 @@ import torch
 from .storage import PAD_FILL, left_padded
 
 
+def row_stats(layers: list) -> list[list[list[int]]]:
+    """Per layer, per batch row (all layers have the same rows): ``[real entries stored, whether
+    they are contiguous (padding only before them, as joins and clusterings leave rows), padding
+    tokens seen]``, read to the host.
+
+    The layers' validity masks are joined along the entries and summed per layer with prefix
+    sums: a few kernels and one read per device for all layers, not a few kernels and a read per
+    layer (a decoding step of a server compresses some row of every layer nearly every step)."""
+    stats: list = [None] * len(layers)
+    by_device: dict = {}
+    for i, layer in enumerate(layers):
+        by_device.setdefault(layer.device, []).append(i)
+    for device, members in by_device.items():
+        group = [layers[i] for i in members]
+        valid = torch.cat([layer.log_counts[:, 0] for layer in group], dim=1) > float("-inf")  # padding is marked on every head alike
+        zero = valid.new_zeros(valid.shape[0], 1, dtype=torch.long)
+        ends = torch.tensor([0, *(layer.length for layer in group)]).cumsum(0)
+        bounds = ends.to(device)
+        stored = torch.cat([zero, valid.long().cumsum(1)], 1).index_select(1, bounds).diff(dim=1)
+        # a row is contiguous unless a real entry is followed by padding within its layer
+        after = torch.cat([valid[:, 1:], valid.new_ones(valid.shape[0], 1)], 1)
+        drops = torch.cat([zero, (valid & ~after).long().cumsum(1)], 1)
+        last = torch.stack([ends[:-1], (ends[1:] - 1).clamp_min(ends[:-1])]).to(device)  # a layer's first and last entry
+        contiguous = (drops.index_select(1, last[1]) == drops.index_select(1, last[0])).long()
+        padding = torch.stack([layer.row_padding.to(device) if layer.row_padding is not None else zero[:, 0] for layer in group], 1)
+        table = torch.stack([stored, contiguous, padding]).cpu().tolist()  # [3][rows][layers]
+        for j, i in enumerate(members):
+            stats[i] = [[row[j] for row in part] for part in table]
+    return stats
+
+
 class Padding:
     """Mixin of :class:`chelsea.cache.ClusteredLayer`: mark, count and compress around padding."""
 
@@ -50,28 +81,21 @@ class Padding:
             return [self.seen] * self.keys.shape[0]
         return [self.seen - int(p) for p in self.row_padding.tolist()]
 
-    def _row_stats(self) -> torch.Tensor:
-        """Per batch row, on the layer's device: real entries stored, whether they are contiguous
-        (padding only before them, as joins and clusterings leave rows) and padding tokens seen."""
-        valid = self.log_counts[:, 0] > float("-inf")  # padding is marked on every head alike
-        contiguous = (valid[:, 1:] >= valid[:, :-1]).all(-1) if self.length > 1 else valid.new_ones(valid.shape[0])
-        padding = self.row_padding.to(valid.device) if self.row_padding is not None else torch.zeros_like(contiguous, dtype=torch.long)
-        return torch.stack([valid.sum(-1), contiguous.long(), padding])
-
     def _due_rows(self, stats: list[list[int]] | None = None) -> list[tuple[int, int, int, int, bool]]:
         """Padded rows to cluster now, each as (row, real entries stored, entries to remove, local
         start as :meth:`_local_start` gives it for the row's real entries, whether the real entries
         are the row's last slots: :meth:`_real_entries` finds them otherwise).
 
-        ``stats`` is :meth:`_row_stats` read to the host (one read for many layers); joined rows
-        (:meth:`append_rows`) are due only when their own schedule says so."""
-        stored, contiguous, padding = stats if stats is not None else self._row_stats().tolist()
-        tokens = [self.seen - p for p in padding]
-        to_remove = [n - self.budget(t, b) for b, (n, t) in enumerate(zip(stored, tokens))]
+        ``stats`` is this layer's part of :func:`row_stats` (read for many layers at once); joined
+        rows (:meth:`append_rows`) are due only when their own schedule says so."""
+        stored, contiguous, padding = stats if stats is not None else row_stats([self])[0]
+        due = [True] * len(stored)
         if self.row_since is not None:
-            due = (self.row_since >= self.every) | (self.new_tokens > 1)
-            to_remove = [n if d else 0 for n, d in zip(to_remove, due.tolist())]
-            self.row_since[due] = 0
+            mask = (self.row_since >= self.every) | (self.new_tokens > 1)
+            due = mask.tolist()
+            self.row_since[mask] = 0
+        shares = [self.share] * len(stored) if isinstance(self.share, float) else self.share.tolist()
+        to_remove = [n - self._shared_budget(self.seen - p, s) if d else 0 for n, p, s, d in zip(stored, padding, shares, due)]
         return [(b, stored[b], n_remove, self._local_start(stored[b]), bool(contiguous[b]))
                 for b, n_remove in enumerate(to_remove) if n_remove > 0]
 
