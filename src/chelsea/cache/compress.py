@@ -102,10 +102,9 @@ def _padded_rows(layers: list) -> None:
     have as many entries to compress (and, unless the method takes a number to remove per row, as
     many to remove: ``chelsea``'s uneven layer budgets differ there) go through the method
     together. Their rows' statistics are read to the host in one transfer for all layers
-    (:func:`~chelsea.cache.padding.row_stats`). Rows
-    whose real entries are their last slots (as joins and compressions leave them) are read and
-    written back a layer's rows at a time (:meth:`~chelsea.cache.padding.Padding._rewrite_tails`);
-    others one by one."""
+    (:func:`~chelsea.cache.padding.row_stats`). Rows whose real entries are their last slots (as
+    joins and compressions leave them) are read and written back a layer's rows at a time
+    (:meth:`~chelsea.cache.padding.Padding._rewrite_tails`); others one by one."""
     row_groups: dict[tuple, list[tuple]] = {}
     for layer, stats in zip(layers, row_stats(layers)):
         apart = id(layer) if layer.new_tokens > 1 else None  # a prefill's compressions are large: layer by layer

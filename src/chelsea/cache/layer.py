@@ -116,9 +116,9 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         """Entries batch row ``row`` keeps after ``tokens`` tokens: the config's budget, its part
         beyond sinks and window scaled by ``share`` (uneven layer budgets; one share per row once
         rows compressed apart were joined, see :meth:`append_rows`)."""
-        return self._shared_budget(tokens, self.share if isinstance(self.share, float) else float(self.share[row]))
+        return self._budget_for(tokens, self.share if isinstance(self.share, float) else float(self.share[row]))
 
-    def _shared_budget(self, tokens: int, share: float) -> int:
+    def _budget_for(self, tokens: int, share: float) -> int:
         """:meth:`budget` for a row whose share is ``share``."""
         base = self.config.budget(tokens)
         if share == 1.0:

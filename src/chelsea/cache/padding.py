@@ -29,14 +29,13 @@ def row_stats(layers: list) -> list[list[list[int]]]:
         group = [layers[i] for i in members]
         valid = torch.cat([layer.log_counts[:, 0] for layer in group], dim=1) > float("-inf")  # padding is marked on every head alike
         zero = valid.new_zeros(valid.shape[0], 1, dtype=torch.long)
-        ends = torch.tensor([0, *(layer.length for layer in group)]).cumsum(0)
-        bounds = ends.to(device)
+        bounds = torch.tensor([0, *(layer.length for layer in group)]).cumsum(0).to(device)  # where each layer starts and ends
         stored = torch.cat([zero, valid.long().cumsum(1)], 1).index_select(1, bounds).diff(dim=1)
         # a row is contiguous unless a real entry is followed by padding within its layer
         after = torch.cat([valid[:, 1:], valid.new_ones(valid.shape[0], 1)], 1)
         drops = torch.cat([zero, (valid & ~after).long().cumsum(1)], 1)
-        last = torch.stack([ends[:-1], (ends[1:] - 1).clamp_min(ends[:-1])]).to(device)  # a layer's first and last entry
-        contiguous = (drops.index_select(1, last[1]) == drops.index_select(1, last[0])).long()
+        first, last = bounds[:-1], (bounds[1:] - 1).clamp_min(bounds[:-1])
+        contiguous = (drops.index_select(1, last) == drops.index_select(1, first)).long()
         padding = torch.stack([layer.row_padding.to(device) if layer.row_padding is not None else zero[:, 0] for layer in group], 1)
         table = torch.stack([stored, contiguous, padding]).cpu().tolist()  # [3][rows][layers]
         for j, i in enumerate(members):
@@ -95,7 +94,7 @@ class Padding:
             due = mask.tolist()
             self.row_since[mask] = 0
         shares = [self.share] * len(stored) if isinstance(self.share, float) else self.share.tolist()
-        to_remove = [n - self._shared_budget(self.seen - p, s) if d else 0 for n, p, s, d in zip(stored, padding, shares, due)]
+        to_remove = [n - self._budget_for(self.seen - p, s) if d else 0 for n, p, s, d in zip(stored, padding, shares, due)]
         return [(b, stored[b], n_remove, self._local_start(stored[b]), bool(contiguous[b]))
                 for b, n_remove in enumerate(to_remove) if n_remove > 0]
 
