@@ -9,6 +9,7 @@ import chelsea
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.compat import cache_arg
 from chelsea.methods import ReferenceQueries, merge_by_importance
+from chelsea.methods import fitted_merge
 from chelsea.methods.fitted_merge import fitted_merge_terms
 
 SCALE = 8**-0.5
@@ -79,13 +80,19 @@ def test_fit_reduces_the_error_on_the_queries_it_fitted():
     assert error(fit) < error(centroid)
 
 
-def test_fit_terms_match_their_definition():
+@pytest.mark.parametrize("block", [None, 6])  # clusters anywhere; clusters within blocks of 6 entries
+@pytest.mark.parametrize("chunk", [None, 2 * 5 * 7])  # one chunk; chunks of a few entries, clusters in other chunks
+def test_fit_terms_match_their_definition(monkeypatch, chunk, block):
+    if chunk:
+        monkeypatch.setattr(fitted_merge, "CHUNK_ELEMENTS", chunk)
     keys, values, lc, _ = random_entries(batch=1, heads=2, length=30, seed=8)
     lc[..., 3] = 1.0
     merged_keys = keys + 0.1
-    dest = torch.randint(0, 30, (1, 2, 30), generator=torch.Generator().manual_seed(9))
+    dest = torch.randint(0, block or 30, (1, 2, 30), generator=torch.Generator().manual_seed(9))
+    if block:
+        dest += torch.arange(30) // block * block
     refs = _references(keys, lc, _queries(batch=1, m=5, seed=10))
-    u, a2 = fitted_merge_terms(keys, lc, merged_keys, dest, refs)
+    u, a2 = fitted_merge_terms(keys, lc, merged_keys, dest, refs, block)
     q, lse = refs.grouped(2)
     p = ((q @ keys.transpose(-1, -2)) * SCALE + lc[:, :, None] - lse[..., None]).exp()  # [1, 2, m, n]
     a = ((q @ merged_keys.transpose(-1, -2)) * SCALE - lse[..., None]).exp()
@@ -138,3 +145,17 @@ def test_the_prefill_keeps_reference_queries_for_the_compression(monkeypatch):
     assert prefill[0].lse.shape == prefill[0].queries.shape[:3] and prefill[0].lse.isfinite().all()
     assert len(seen) > len(prefill) and all(r is None for r in seen[len(prefill):])
     assert all(layer.references is None for layer in cache.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core path runs on CUDA only")
+def test_bf16_products_on_cuda_give_the_float32_terms():
+    keys, _, lc, _ = random_entries(batch=2, heads=2, length=300, seed=11)
+    keys, lc = keys.cuda().bfloat16(), lc.cuda()
+    merged_keys = (keys.float() + 0.05).bfloat16()
+    dest = (torch.arange(300, device="cuda") // 30 * 30).expand(2, 2, 300).contiguous()
+    refs = _references(keys.float(), lc, _queries(batch=2, m=8, seed=12).cuda().bfloat16().float())
+    refs = ReferenceQueries(refs.queries.bfloat16(), refs.lse, refs.scale)
+    fast = fitted_merge_terms(keys, lc, merged_keys, dest, refs, 30)
+    exact = fitted_merge_terms(keys.float(), lc, merged_keys.float(), dest, ReferenceQueries(refs.queries.float(), refs.lse, refs.scale), 30)
+    for f, e in zip(fast, exact):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-30)

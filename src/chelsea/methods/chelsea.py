@@ -171,13 +171,14 @@ def _merge_into_representatives(keys, values, log_counts, kept, reps, neighbourh
     new_counts = torch.where(merged, total.log().to(log_counts.dtype), log_counts)
     if references is None:
         return new_keys, new_values, new_counts
-    return (new_keys, *_fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, kept | joins, merged, references))
+    return (new_keys, *_fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, kept | joins, merged, references,
+                           neighbourhood))
 
 
-def _fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, members, merged, references):
+def _fit(keys, values, log_counts, new_keys, new_values, new_counts, dest, members, merged, references, block: int):
     """``(values, log_counts)`` with every merged entry's value and log-count fitted to the
     reference queries (:mod:`.fitted_merge`); entries the fit cannot place keep the centroid's."""
-    u, a2 = fitted_merge_terms(keys, log_counts, new_keys, dest, references)
+    u, a2 = fitted_merge_terms(keys, log_counts, new_keys, dest, references, block)
     u = u.masked_fill(~members, 0.0)
     mass = torch.zeros_like(u).scatter_add_(-1, dest, u)
     log_beta = mass.log() - a2.log()  # apart, so a tiny a2 cannot overflow the quotient

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 24  # (query, entry) logits computed at once
+CHUNK_ELEMENTS = 1 << 24  # (query, entry) logits computed at once (float32: 64 MiB per product)
 
 
 class ReferenceQueries(NamedTuple):
@@ -62,12 +62,26 @@ def concat_references(refs: list[ReferenceQueries | None]) -> ReferenceQueries |
     return ReferenceQueries(torch.cat([r.queries for r in refs]), torch.cat([r.lse for r in refs]), refs[0].scale)
 
 
+def _products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q @ k.T`` in float32 for ``q`` ``[B, H, m, d]`` and ``k`` ``[B, H, c, d]``.
+
+    On CUDA, half-precision inputs multiply on the tensor cores with a float32 result (the products
+    of two bf16 numbers and their float32 sums are what a float32 product gives, up to the order
+    of the sums); elsewhere both sides are cast to float32 first."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
+        batch, heads, m, d = q.shape
+        out = torch.bmm(q.reshape(batch * heads, m, d), k.reshape(batch * heads, -1, d).transpose(1, 2), out_dtype=torch.float32)
+        return out.view(batch, heads, m, -1)
+    return q.float() @ k.float().transpose(-1, -2)
+
+
 def fitted_merge_terms(
     keys: torch.Tensor,
     log_counts: torch.Tensor,
     merged_keys: torch.Tensor,
     dest: torch.Tensor,
     refs: ReferenceQueries,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, a2)`` over the region's entries ``[B, H, n]`` float32.
 
@@ -75,6 +89,12 @@ def fitted_merge_terms(
     entries will have, at their representatives' positions; ``dest``: the position of each entry's
     cluster (its representative's, or its own). ``u[j]`` is ``sum_q a_{q,dest(j)} p_qj``;
     ``a2[r]`` is ``sum_q a_{q,r}^2`` for the merged key at position ``r``.
+
+    The entries run in chunks, every query at once: each key is read once (chunks of queries
+    would read all keys again per chunk, which dominated the fit's time at long contexts).
+    ``block``: every cluster lies within one block of that many consecutive entries (as
+    :func:`~chelsea.methods.merge_by_importance` clusters); chunks are then whole blocks and the
+    cluster keys' weights are taken from the chunk's own, one product fewer.
     """
     batch, heads, n, _ = keys.shape
     queries, lse = refs.grouped(heads)
@@ -82,15 +102,20 @@ def fitted_merge_terms(
     u = torch.zeros(batch, heads, n, device=keys.device)
     a2 = torch.zeros_like(u)
     if total and n:
-        k = keys.float().transpose(-1, -2)
-        km = merged_keys.float().transpose(-1, -2)
-        bias = log_counts.float()[:, :, None, :]
-        index = dest[:, :, None, :]
-        step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n))
-        for lo in range(0, total, step):
-            q = queries[:, :, lo : lo + step].float() * refs.scale
-            shift = lse[:, :, lo : lo + step, None].float()
-            a = (q @ km - shift).exp_()  # [B, H, chunk, n]: each query's weight of the merged key at every position
-            u += (q @ k + bias - shift).exp_().mul_(a.gather(-1, index.expand_as(a))).sum(2)
-            a2 += a.square_().sum(2)
+        shift = lse.float()[..., None] / refs.scale  # [B, H, m, 1]: logits are scaled after the shift
+        step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * total))
+        if block:
+            step = max(block, step - step % block)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            at = dest[:, :, lo:hi]
+            own = _products(queries, merged_keys[:, :, lo:hi]).sub_(shift).mul_(refs.scale).exp_()  # [B, H, m, chunk]
+            if block:
+                a = own.gather(-1, (at - lo)[:, :, None].expand_as(own))
+            else:
+                rep = merged_keys.gather(2, at[..., None].expand(-1, -1, -1, keys.shape[3]))  # each entry's cluster key
+                a = _products(queries, rep).sub_(shift).mul_(refs.scale).exp_()
+            p = _products(queries, keys[:, :, lo:hi]).sub_(shift).mul_(refs.scale).add_(log_counts[:, :, None, lo:hi].float()).exp_()
+            u[:, :, lo:hi] = p.mul_(a).sum(2)
+            a2[:, :, lo:hi] = own.square_().sum(2)
     return u, a2
