@@ -118,11 +118,11 @@ def test_padded_rows_compress_their_real_entries_as_alone(method):
     mask[1, 40:60] = 0
     with torch.no_grad(), cache.held():
         model(ids, attention_mask=mask, **cache_arg(model, cache))
-    before = [tuple(t.clone() for t in layer._entries()) for layer in cache.layers]
+    before = [(tuple(t.clone() for t in layer._entries()), layer.log_counts.clone()) for layer in cache.layers]
     cache.compress_all()
-    for layer, entries in zip(cache.layers, before):
+    for layer, (entries, log_counts) in zip(cache.layers, before):
         for b in range(3):
-            real = entries[2][b, 0] > float("-inf")
+            real = log_counts[b, 0] > float("-inf")
             n = int(real.sum())
             alone = layer._run(tuple(t[b : b + 1][:, :, real] for t in entries), n - layer.budget(n, b))
             kept = layer.log_counts[b, 0] > float("-inf")

@@ -89,7 +89,7 @@ def test_pinned_layer_hides_the_free_entries():
             decoder.step()
             for layer in cache.layers:
                 assert layer.capacity == layer._key_buf.shape[2] > layer.length
-                assert torch.isneginf(layer._count_buf[:, :, layer.length :]).all()
+                assert torch.isneginf(layer._statistics(layer.capacity)[0][:, :, layer.length :]).all()
                 assert not torch.isneginf(layer.log_counts).any()
                 assert int(decoder.state[1 + layer_index(cache, layer)]) == layer.length
         decoder.close()

@@ -53,28 +53,40 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         # The last queries of the latest forward of several tokens, for a method that fits its merges
         # to them (``method.references``); set by the score observer, used once by the next compression.
         self.references = None
-        if self.scored:
-            self._buffers = (*ClusteredLayer._buffers, "_score_buf")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._count_buf = torch.zeros(key_states.shape[:2] + (0,), dtype=torch.float32, device=self.device)
-        if self.scored:
-            self._score_buf = torch.zeros_like(self._count_buf)
+        self._count_buf = torch.zeros(key_states.shape[:2] + (0,) + self._statistics_shape, dtype=torch.float32, device=self.device)
+
+    @property
+    def _statistics_shape(self) -> tuple[int, ...]:
+        """The count buffer's last dimension: ``(log-count, score)`` per entry for a method that
+        ranks by scores, so the scores move with the log-counts (one buffer fewer to copy when
+        rows are rewritten); none otherwise."""
+        return (2,) if self.scored else ()
+
+    def _statistics(self, end: int) -> tuple[torch.Tensor, ...]:
+        """Views of the first ``end`` slots' log-counts (and scores, where kept), ``[batch, kv_heads, end]``."""
+        buf = self._count_buf[:, :, :end]
+        return (buf[..., 0], buf[..., 1]) if self.scored else (buf,)
 
     @property
     def log_counts(self):
-        return None if not self.is_initialized else self._count_buf[:, :, : self.length]
+        return None if not self.is_initialized else self._statistics(self.length)[0]
 
     @property
     def scores(self):
         """Per-entry scores ``[batch, kv_heads, entries]`` (attention received, or importance) for
-        the methods that rank by them; ``None`` for the others."""
-        return None if not (self.is_initialized and self.scored) else self._score_buf[:, :, : self.length]
+        the methods that rank by them; ``None`` for the others. A view: writing it writes the cache."""
+        return None if not (self.is_initialized and self.scored) else self._statistics(self.length)[1]
+
+    def score_slots(self) -> torch.Tensor:
+        """The scores of every slot, filled or not (a pinned layer writes at a device-side slot)."""
+        return self._statistics(self.capacity)[1]
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        zeros = key_states.new_zeros(key_states.shape[:3], dtype=torch.float32)
-        super()._append(key_states, value_states, *([zeros] * (len(self._buffers) - 2)))
+        zeros = key_states.new_zeros(key_states.shape[:3] + self._statistics_shape, dtype=torch.float32)
+        super()._append(key_states, value_states, zeros)
         self.since_compression += key_states.shape[2]
         if self.row_since is not None:
             self.row_since += key_states.shape[2]
@@ -142,11 +154,12 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
     def _run(self, entries: tuple[torch.Tensor, ...], n_remove, sinks: int | None = None, references=None) -> tuple[torch.Tensor, ...]:
         """Apply the method to ``entries`` (one tensor per buffer); returns as many tensors.
         ``references``: the reference queries of a method that fits to them (rows as in ``entries``)."""
-        keys, values, log_counts, *scores = entries
+        keys, values, statistics = entries
+        log_counts, scores = (statistics[..., 0], statistics[..., 1]) if self.scored else (statistics, None)
         extra = {"references": references} if self.method.references else {}
-        return self.method.compress(keys, values, log_counts, n_remove, window=self.config.window,
-                                    sink_tokens=self.config.sink_tokens if sinks is None else sinks,
-                                    scores=scores[0] if scores else None, **extra)
+        out = self.method.compress(keys, values, log_counts, n_remove, window=self.config.window,
+                                   sink_tokens=self.config.sink_tokens if sinks is None else sinks, scores=scores, **extra)
+        return (*out[:2], torch.stack(out[2:4], -1)) if self.scored else out[:3]
 
     def _record(self, removed: int) -> None:
         if removed > 0:

@@ -14,6 +14,7 @@ import torch
 from ..attention import weighted_attention
 from ..errors import ChelseaError
 from ..kernels import write_slot
+from .storage import pad_slots
 
 
 class Pinning:
@@ -31,7 +32,8 @@ class Pinning:
             self._reallocate(capacity, self._entries())
         # Free entries are read too (with weight 0): they must hold finite numbers, not old memory.
         for name in self._buffers:
-            getattr(self, name)[:, :, self.length :] = float("-inf") if name == "_count_buf" else 0.0
+            buf = getattr(self, name)
+            buf[:, :, self.length :] = pad_slots(name, buf, 1)
         self.slot = slot
         self.slot.fill_(self.length)
 
@@ -47,7 +49,7 @@ class Pinning:
         new = key_states.shape[2]
         if new != 1:
             raise ChelseaError(f"a pinned cache layer takes one new token per step, not {new}")
-        write_slot(self.slot, key_states, value_states, self._key_buf, self._value_buf, *(getattr(self, n) for n in self._buffers[2:]))
+        write_slot(self.slot, key_states, value_states, self._key_buf, self._value_buf, *self._statistics(self.capacity))
         self.new_tokens = new
         self.awaiting_attention = True
         keys = self._key_buf[:, :]  # a view: the buffer itself must not point back at the layer (a cycle)
@@ -57,10 +59,10 @@ class Pinning:
     def _attend_pinned(self, query, key, value, new_valid, scale, module=None):
         if new_valid is not None:
             raise ChelseaError("a pinned cache layer decodes without an attention mask; padding is kept from the prefill")
-        counts = self._count_buf
+        counts, *scores = self._statistics(self.capacity)
         out = weighted_attention(query, key, value, counts, scale=scale)
         if self.observer is not None:
-            self.observer.observe(self, query, key, value, counts, scale, self._score_buf, module)
+            self.observer.observe(self, query, key, value, counts, scale, scores[0] if scores else None, module)
         self.awaiting_attention = False
         return out
 
@@ -79,5 +81,5 @@ class Pinning:
         """Pinned, after a compression shrank the layer from ``before`` entries: hide the freed
         entries and move the write slot back."""
         if self.length != before:
-            self._count_buf[:, :, self.length : before] = float("-inf")
+            self._statistics(before)[0][:, :, self.length :] = float("-inf")
             self.slot.fill_(self.length)

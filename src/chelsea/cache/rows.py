@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ChelseaError
-from .storage import PAD_FILL, left_padded
+from .storage import left_padded, pad_slots
 
 
 class RowOps:
@@ -81,7 +81,7 @@ class RowOps:
         ours, theirs = self.keys.shape[0], part.keys.shape[0]
         for name in self._buffers:  # one buffer at a time: the old one is freed before the next is made
             mine, other = getattr(self, name)[:, :, : self.length], getattr(part, name)[:, :, : part.length]
-            buf = mine.new_full((ours + theirs, *mine.shape[1:2], length + 64, *mine.shape[3:]), PAD_FILL[name])
+            buf = pad_slots(name, mine, length + 64, rows=ours + theirs)
             buf[:ours, :, length - self.length : length] = mine
             buf[ours:, :, length - part.length : length] = other
             del mine

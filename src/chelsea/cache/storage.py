@@ -17,7 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import ChelseaError
 
-PAD_FILL = {"_key_buf": 0.0, "_value_buf": 0.0, "_count_buf": float("-inf"), "_score_buf": 0.0}  # a padding slot
+PAD_FILL = {"_key_buf": 0.0, "_value_buf": 0.0, "_count_buf": float("-inf")}  # a padding slot
 
 NOT_CLUSTERED_ATTENTION = (
     "the clustered cache was used by an attention function other than 'chelsea', so its entries cannot be weighted. "
@@ -26,12 +26,22 @@ NOT_CLUSTERED_ATTENTION = (
 )
 
 
+def pad_slots(name: str, like: torch.Tensor, entries: int, rows: int | None = None) -> torch.Tensor:
+    """``entries`` padding slots of buffer ``name`` shaped like ``like`` (``rows`` rows, default
+    ``like``'s): zero keys and values, log-count ``-inf`` (and score 0, where the count buffer
+    holds scores beside the log-counts)."""
+    shape = (like.shape[0] if rows is None else rows, like.shape[1], entries, *like.shape[3:])
+    out = like.new_full(shape, PAD_FILL[name])
+    if name == "_count_buf" and like.dim() == 4:
+        out[..., 1:] = 0.0
+    return out
+
+
 def left_padded(entries: tuple[torch.Tensor, ...], names: tuple[str, ...], pad: int) -> tuple[torch.Tensor, ...]:
     """``entries`` (one tensor per buffer in ``names``) with ``pad`` padding slots before them."""
     if pad == 0:
         return entries
-    return tuple(torch.cat([t.new_full((*t.shape[:2], pad, *t.shape[3:]), PAD_FILL[name]), t], dim=2)
-                 for name, t in zip(names, entries))
+    return tuple(torch.cat([pad_slots(name, t, pad), t], dim=2) for name, t in zip(names, entries))
 
 
 class LayerStorage(CacheLayerMixin):

@@ -115,9 +115,9 @@ class LearnedScorer:
         self._share_budgets(cache, [layer for _, layer in layers])
         for (_, layer), score in zip(layers, scores):
             if layer.pinned:
-                layer._score_buf.index_copy_(2, layer.slot, score)
+                layer.score_slots().index_copy_(2, layer.slot, score)
             else:
-                layer._score_buf[:, :, layer.length - layer.new_tokens : layer.length] = score
+                layer.scores[:, :, layer.length - layer.new_tokens :] = score
 
     def _share_budgets(self, cache, layers: list) -> None:
         """Uneven layer budgets for a cache that no pass has scored whole (a context read in chunks,
