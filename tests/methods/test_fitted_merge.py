@@ -155,6 +155,8 @@ def test_bf16_products_on_cuda_give_the_float32_terms():
     dest = (torch.arange(300, device="cuda") // 30 * 30).expand(2, 2, 300).contiguous()
     refs = _references(keys.float(), lc, _queries(batch=2, m=8, seed=12).cuda().bfloat16().float())
     refs = ReferenceQueries(refs.queries.bfloat16(), refs.lse, refs.scale)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8):
+        assert fitted_merge._float32_results(keys.device, torch.bfloat16)  # the tensor cores are used
     fast = fitted_merge_terms(keys, lc, merged_keys, dest, refs, 30)
     exact = fitted_merge_terms(keys.float(), lc, merged_keys.float(), dest, ReferenceQueries(refs.queries.float(), refs.lse, refs.scale), 30)
     for f, e in zip(fast, exact):

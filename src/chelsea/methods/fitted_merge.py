@@ -26,6 +26,7 @@ pools them per cluster.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -62,13 +63,25 @@ def concat_references(refs: list[ReferenceQueries | None]) -> ReferenceQueries |
     return ReferenceQueries(torch.cat([r.queries for r in refs]), torch.cat([r.lse for r in refs]), refs[0].scale)
 
 
+@functools.cache
+def _float32_results(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm`` gives float32 results of ``dtype`` inputs on ``device`` (``out_dtype``:
+    CUDA, PyTorch 2.8 and later)."""
+    try:
+        x = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``q @ k.T`` in float32 for ``q`` ``[B, H, m, d]`` and ``k`` ``[B, H, c, d]``.
 
     On CUDA, half-precision inputs multiply on the tensor cores with a float32 result (the products
     of two bf16 numbers and their float32 sums are what a float32 product gives, up to the order
-    of the sums); elsewhere both sides are cast to float32 first."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype:
+    of the sums); elsewhere (or where PyTorch cannot) both sides are cast to float32 first."""
+    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and _float32_results(q.device, q.dtype)):
         batch, heads, m, d = q.shape
         out = torch.bmm(q.reshape(batch * heads, m, d), k.reshape(batch * heads, -1, d).transpose(1, 2), out_dtype=torch.float32)
         return out.view(batch, heads, m, -1)
