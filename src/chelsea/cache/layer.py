@@ -72,17 +72,23 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
 
     @property
     def log_counts(self):
-        return None if not self.is_initialized else self._statistics(self.length)[0]
+        if not self.is_initialized:
+            return None
+        return self._count_buf[:, :, : self.length, 0] if self.scored else self._count_buf[:, :, : self.length]
 
     @property
     def scores(self):
         """Per-entry scores ``[batch, kv_heads, entries]`` (attention received, or importance) for
         the methods that rank by them; ``None`` for the others. A view: writing it writes the cache."""
-        return None if not (self.is_initialized and self.scored) else self._statistics(self.length)[1]
+        return None if not (self.is_initialized and self.scored) else self._count_buf[:, :, : self.length, 1]
 
-    def score_slots(self) -> torch.Tensor:
-        """The scores of every slot, filled or not (a pinned layer writes at a device-side slot)."""
-        return self._statistics(self.capacity)[1]
+    def score_new_entries(self, score: torch.Tensor) -> None:
+        """Set the scores ``[batch, kv_heads, new]`` of the entries the last forward wrote (at the
+        device-side slot when pinned)."""
+        if self.pinned:
+            self._statistics(self.capacity)[1].index_copy_(2, self.slot, score)
+        else:
+            self._count_buf[:, :, self.length - self.new_tokens : self.length, 1] = score
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         zeros = key_states.new_zeros(key_states.shape[:3] + self._statistics_shape, dtype=torch.float32)
@@ -104,7 +110,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
                 self.awaiting_attention = False
                 return out
         out = weighted_attention(query, key, value, bias, scale=scale)
-        if self.observer is not None:
+        if self.observer is not None and (self.new_tokens > 1 or self.observer.single_tokens):
             self.observer.observe(self, query, key, value, bias, scale, self.scores, module)
         self.after_attention()
         return out

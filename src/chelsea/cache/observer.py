@@ -20,6 +20,10 @@ from ..errors import ChelseaError
 class ScoreObserver:
     """What a scoring strategy implements; the default does nothing."""
 
+    #: Whether :meth:`observe` has work after a forward of one new token (a decoding step);
+    #: ``False`` lets the layer skip the call then (a server's step makes one per layer).
+    single_tokens = True
+
     def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_counts: torch.Tensor | None,
                scale: float | None, module=None) -> torch.Tensor | None:
         """The attention output, when the observer computes it itself (then the layer does not

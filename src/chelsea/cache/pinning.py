@@ -61,7 +61,7 @@ class Pinning:
             raise ChelseaError("a pinned cache layer decodes without an attention mask; padding is kept from the prefill")
         counts, *scores = self._statistics(self.capacity)
         out = weighted_attention(query, key, value, counts, scale=scale)
-        if self.observer is not None:
+        if self.observer is not None and self.observer.single_tokens:
             self.observer.observe(self, query, key, value, counts, scale, scores[0] if scores else None, module)
         self.awaiting_attention = False
         return out

@@ -114,10 +114,7 @@ class LearnedScorer:
             scores = [p[0].add_(agreed.to(p[0].device)[:, None, :], alpha=weight) for p in predictions]
         self._share_budgets(cache, [layer for _, layer in layers])
         for (_, layer), score in zip(layers, scores):
-            if layer.pinned:
-                layer.score_slots().index_copy_(2, layer.slot, score)
-            else:
-                layer.scores[:, :, layer.length - layer.new_tokens :] = score
+            layer.score_new_entries(score)
 
     def _share_budgets(self, cache, layers: list) -> None:
         """Uneven layer budgets for a cache that no pass has scored whole (a context read in chunks,

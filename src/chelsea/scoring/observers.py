@@ -56,6 +56,8 @@ class AttentionMass(ScoreObserver):
 class LastQueries(ScoreObserver):
     """Scores the entries of a forward of several tokens by its last queries' attention."""
 
+    single_tokens = False  # decoded tokens start at 0, or get the learned scorer's score after the forward
+
     def __init__(self, method=None):
         pass
 
