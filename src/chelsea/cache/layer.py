@@ -32,7 +32,11 @@ from .storage import LayerStorage
 
 
 class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
-    """One layer's keys ``[batch, kv_heads, entries, head_dim]``, values, log-counts (and scores)."""
+    """One layer's keys ``[batch, kv_heads, entries, head_dim]``, values, log-counts (and scores).
+
+    The log-counts are ``_count_buf``; a method that ranks by scores keeps each entry's score beside
+    its log-count there (``[..., 2]``), so every layer stores three buffers; :attr:`log_counts` and
+    :attr:`scores` are views."""
 
     _buffers = ("_key_buf", "_value_buf", "_count_buf")
 
