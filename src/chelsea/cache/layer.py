@@ -69,10 +69,13 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         rows are rewritten); none otherwise."""
         return (2,) if self.scored else ()
 
-    def _statistics(self, end: int) -> tuple[torch.Tensor, ...]:
-        """Views of the first ``end`` slots' log-counts (and scores, where kept), ``[batch, kv_heads, end]``."""
-        buf = self._count_buf[:, :, :end]
-        return (buf[..., 0], buf[..., 1]) if self.scored else (buf,)
+    def _split(self, statistics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log_counts, scores)`` views of a part of the count buffer (scores ``None`` where not kept)."""
+        return (statistics[..., 0], statistics[..., 1]) if self.scored else (statistics, None)
+
+    def _statistics(self, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_split` of the first ``end`` slots, ``[batch, kv_heads, end]`` each."""
+        return self._split(self._count_buf[:, :, :end])
 
     @property
     def log_counts(self):
@@ -165,7 +168,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         """Apply the method to ``entries`` (one tensor per buffer); returns as many tensors.
         ``references``: the reference queries of a method that fits to them (rows as in ``entries``)."""
         keys, values, statistics = entries
-        log_counts, scores = (statistics[..., 0], statistics[..., 1]) if self.scored else (statistics, None)
+        log_counts, scores = self._split(statistics)
         extra = {"references": references} if self.method.references else {}
         out = self.method.compress(keys, values, log_counts, n_remove, window=self.config.window,
                                    sink_tokens=self.config.sink_tokens if sinks is None else sinks, scores=scores, **extra)

@@ -49,7 +49,8 @@ class Pinning:
         new = key_states.shape[2]
         if new != 1:
             raise ChelseaError(f"a pinned cache layer takes one new token per step, not {new}")
-        write_slot(self.slot, key_states, value_states, self._key_buf, self._value_buf, *self._statistics(self.capacity))
+        write_slot(self.slot, key_states, value_states, self._key_buf, self._value_buf,
+                   *(t for t in self._statistics(self.capacity) if t is not None))
         self.new_tokens = new
         self.awaiting_attention = True
         keys = self._key_buf[:, :]  # a view: the buffer itself must not point back at the layer (a cycle)
@@ -59,10 +60,10 @@ class Pinning:
     def _attend_pinned(self, query, key, value, new_valid, scale, module=None):
         if new_valid is not None:
             raise ChelseaError("a pinned cache layer decodes without an attention mask; padding is kept from the prefill")
-        counts, *scores = self._statistics(self.capacity)
+        counts, scores = self._statistics(self.capacity)
         out = weighted_attention(query, key, value, counts, scale=scale)
         if self.observer is not None and self.observer.single_tokens:
-            self.observer.observe(self, query, key, value, counts, scale, scores[0] if scores else None, module)
+            self.observer.observe(self, query, key, value, counts, scale, scores, module)
         self.awaiting_attention = False
         return out
 
