@@ -5,7 +5,9 @@ rows joining and leaving (their caches' copies); the prefill worker's copy of th
 hand-over) is timed on its own thread, its CUDA stream synchronised before and after, so a
 phase's time is what it costs that thread, kernels included. The synchronisation itself costs
 a little: requests per second here are lower than in ``serve_load.py``, compare methods with
-each other, not with its tables. Prints one table per method and writes JSON.
+each other, not with its tables. With ``--host-time`` nothing is synchronised: a phase's time is
+what the host spends issuing its work (and any wait the code makes itself), so comparing the two
+runs says which phases keep the GPU waiting. Prints one table per method and writes JSON.
 
     python benchmarks/serve_phases.py --model qwen2.5-7b --tokenizer TOKENIZER_DIR --context 32000 \
         --clients 64 --kv-budget-gib 16 --methods chelsea-paper,chelsea --out phases.json
@@ -36,10 +38,11 @@ from chelsea.serving.prefill import PrefillWorker
 
 _totals: dict = defaultdict(lambda: [0.0, 0])
 _local = threading.local()
+_synced = [True]  # whether phases synchronise the stream (--host-time turns it off)
 
 
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if _synced[0] and torch.cuda.is_available():
         torch.cuda.current_stream().synchronize()
 
 
@@ -132,8 +135,10 @@ def main() -> None:
     parser.add_argument("--methods", default="chelsea-paper,chelsea")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--host-time", action="store_true", help="do not synchronise around phases: time what the host spends")
     parser.add_argument("--out")
     args = parser.parse_args()
+    _synced[0] = not args.host_time
     args.questions, args.distinct_requests, args.scenarios = 1, 1, "shared"
 
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
@@ -160,8 +165,8 @@ def main() -> None:
     if args.out:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         meta = {"date": datetime.date.today().isoformat(), "device": device, "model": args.model, "torch": torch.__version__,
-                "command": "python benchmarks/serve_phases.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                           if v not in (None, []) and k not in ("out", "questions", "distinct_requests", "scenarios"))}
+                "command": "python benchmarks/serve_phases.py " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+                                                                           if v not in (None, [], False) and k not in ("out", "questions", "distinct_requests", "scenarios"))}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
 

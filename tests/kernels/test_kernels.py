@@ -88,6 +88,32 @@ def test_slot_write_equals_index_copy(device, zeroed, dim, dim_v):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("n", [1, 3, 37])
+def test_layer_tails_read_and_write_every_layers_newest_entries(device, n):
+    """One read (one launch on CUDA) gives every layer's last ``n`` entries before its own end, in
+    buffers of different capacities; one write sets exactly those entries' channel 1."""
+    from chelsea.kernels import LayerTails
+
+    g = torch.Generator(device=device).manual_seed(2)
+    capacities, ends = [80, 64, 120], [70, 40, 120]
+    keys = [torch.randn(2, 3, c, 64, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    values = [torch.randn(2, 3, c, 96, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    counts = [torch.randn(2, 3, c, 2, generator=g, device=device) for c in capacities]
+    tails = LayerTails(keys, values, counts, ends, n, channel=1)
+    assert tails.uniform and tails.kernel == (device == "cuda")
+    got_k, got_v = tails.read()
+    assert torch.equal(got_k, torch.stack([k[:, :, e - n : e] for k, e in zip(keys, ends)]))
+    assert torch.equal(got_v, torch.stack([v[:, :, e - n : e] for v, e in zip(values, ends)]))
+    want = [c.clone() for c in counts]
+    scores = torch.randn(3, 2, 3, n, generator=g, device=device)
+    for w, e, s in zip(want, ends, scores):
+        w[:, :, e - n : e, 1] = s
+    tails.write(scores)
+    for got, expected in zip(counts, want, strict=True):
+        assert torch.equal(got, expected)
+
+
 # Chelsea's merge step: the two chunk-local kernels against the PyTorch functions ---------------
 
 from chelsea.kernels import soft_matching  # noqa: E402

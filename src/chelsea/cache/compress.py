@@ -35,7 +35,7 @@ def compress_together(layers: list) -> None:
     for layer in layers:
         layer.since_compression = 0
         if layer.row_since is not None and not layer.has_padding:
-            layer.row_since.zero_()
+            layer.row_since = [0] * len(layer.row_since)
         if layer.length == 0:
             continue
         if layer.has_padding and layer.pinned:

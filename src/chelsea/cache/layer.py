@@ -23,12 +23,15 @@ import math
 import torch
 
 from ..attention import weighted_attention
+from ..kernels import LayerTails
 from .compress import compress_together
 from .observer import observer_for
 from .padding import Padding
 from .pinning import Pinning
 from .rows import RowOps
 from .storage import LayerStorage
+
+SCORE = 1  # where a scored layer keeps each entry's score in its count buffer (its log-count is at 0)
 
 
 class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
@@ -44,7 +47,8 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         super().__init__(config, method)
         self.every = config.compress_every or method.compress_every
         self.since_compression = 0
-        self.row_since: torch.Tensor | None = None  # tokens since each row's last compression, once rows were joined
+        self.row_since: list[int] | None = None  # tokens since each row's last compression, once rows were joined (host numbers:
+        # a server's step asks every layer whether it is due)
         self.row_padding: torch.Tensor | None = None  # padding tokens seen per row, once any
         self.skipped_compressions = 0
         self.observer = observer_for(method)
@@ -71,7 +75,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
 
     def _split(self, statistics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(log_counts, scores)`` views of a part of the count buffer (scores ``None`` where not kept)."""
-        return (statistics[..., 0], statistics[..., 1]) if self.scored else (statistics, None)
+        return (statistics[..., 0], statistics[..., SCORE]) if self.scored else (statistics, None)
 
     def _statistics(self, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`_split` of the first ``end`` slots, ``[batch, kv_heads, end]`` each."""
@@ -87,7 +91,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
     def scores(self):
         """Per-entry scores ``[batch, kv_heads, entries]`` (attention received, or importance) for
         the methods that rank by them; ``None`` for the others. A view: writing it writes the cache."""
-        return None if not (self.is_initialized and self.scored) else self._count_buf[:, :, : self.length, 1]
+        return None if not (self.is_initialized and self.scored) else self._count_buf[:, :, : self.length, SCORE]
 
     def score_new_entries(self, score: torch.Tensor) -> None:
         """Set the scores ``[batch, kv_heads, new]`` of the entries the last forward wrote (at the
@@ -95,14 +99,25 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         if self.pinned:
             self._statistics(self.capacity)[1].index_copy_(2, self.slot, score)
         else:
-            self._count_buf[:, :, self.length - self.new_tokens : self.length, 1] = score
+            self._count_buf[:, :, self.length - self.new_tokens : self.length, SCORE] = score
+
+    @staticmethod
+    def newest_entries(layers: list[ClusteredLayer]) -> LayerTails | None:
+        """The entries the last forward wrote into each of ``layers``, to read (keys, values) and
+        score (:meth:`LayerTails.write` sets their scores) for all layers at once; ``None`` unless
+        every layer is scored, unpinned and took the same number of new tokens."""
+        n = layers[0].new_tokens if layers else 0
+        if not n or any(layer.pinned or not layer.scored or layer.new_tokens != n for layer in layers):
+            return None
+        return LayerTails([layer._key_buf for layer in layers], [layer._value_buf for layer in layers],
+                          [layer._count_buf for layer in layers], [layer.length for layer in layers], n, SCORE)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         zeros = key_states.new_zeros(key_states.shape[:3] + self._statistics_shape, dtype=torch.float32)
         super()._append(key_states, value_states, zeros)
         self.since_compression += key_states.shape[2]
         if self.row_since is not None:
-            self.row_since += key_states.shape[2]
+            self.row_since = [since + key_states.shape[2] for since in self.row_since]
 
     def attend(self, query, key, value, new_valid, scale, module=None):
         """Attention of the new tokens over the stored entries, then compression if it is due."""
@@ -129,7 +144,7 @@ class ClusteredLayer(Pinning, RowOps, Padding, LayerStorage):
         if self.new_tokens > 1:
             return True
         if self.row_since is not None:  # joined rows keep their own schedule, as if decoded alone
-            return bool((self.row_since >= self.every).any())
+            return any(since >= self.every for since in self.row_since)
         return self.since_compression >= self.every
 
     def after_attention(self) -> None:

@@ -90,9 +90,8 @@ class Padding:
         stored, contiguous, padding = stats if stats is not None else row_stats([self])[0]
         due = [True] * len(stored)
         if self.row_since is not None:
-            mask = (self.row_since >= self.every) | (self.new_tokens > 1)
-            due = mask.tolist()
-            self.row_since[mask] = 0
+            due = [since >= self.every or self.new_tokens > 1 for since in self.row_since]
+            self.row_since = [0 if d else since for since, d in zip(self.row_since, due)]
         shares = [self.share] * len(stored) if isinstance(self.share, float) else self.share.tolist()
         to_remove = [n - self._budget_for(self.seen - p, s) if d else 0 for n, p, s, d in zip(stored, padding, shares, due)]
         return [(b, stored[b], n_remove, self._local_start(stored[b]), bool(contiguous[b]))

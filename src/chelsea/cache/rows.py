@@ -74,7 +74,7 @@ class RowOps:
             if part.row_padding is not None:
                 self.row_padding = part.row_padding.clone()
             rows = part.keys.shape[0]
-            self.row_since = part.row_since.clone() if part.row_since is not None else torch.full((rows,), part.since_compression)
+            self.row_since = list(part.row_since) if part.row_since is not None else [part.since_compression] * rows
             return
         seen = max(self.seen, part.seen)
         length = max(self.length, part.length)
@@ -92,8 +92,8 @@ class RowOps:
         shares = [torch.full((n,), s, dtype=torch.float64) if isinstance(s, float) else s.cpu() for n, s in
                   ((ours, self.share), (theirs, part.share))]
         self.share = torch.cat(shares)
-        self.row_since = torch.cat([r if r is not None else torch.full((n,), since) for r, n, since in
-                                    ((self.row_since, ours, self.since_compression), (part.row_since, theirs, part.since_compression))])
+        self.row_since = [since for r, n, s in ((self.row_since, ours, self.since_compression), (part.row_since, theirs, part.since_compression))
+                          for since in (r if r is not None else [s] * n)]
         self.seen, self.length = seen, length
         self.has_merged |= part.has_merged
         self.rescore &= part.rescore
@@ -117,4 +117,4 @@ class RowOps:
         if not isinstance(self.share, float):
             self.share = fn(self.share)
         if self.row_since is not None:
-            self.row_since = fn(self.row_since)
+            self.row_since = fn(torch.tensor(self.row_since, dtype=torch.long)).tolist()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import ClusteredCache
+from ..cache import ClusteredCache, ClusteredLayer
 from ..errors import ChelseaError
 from .budgets import score_profile, split_budgets
 from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
@@ -97,23 +97,31 @@ class LearnedScorer:
         """Score the entries the last forward wrote, in every layer of ``cache``: each layer's own
         predicted scores plus ``fact_weight`` times the agreement predicted by all layers together
         (their mean). At the write slot when the layers are pinned (a CUDA graph's step). The
-        layers go through one batched product when they share a device and shape (a decoding step
-        then launches a few kernels per layer, not a dozen); a long forward (a batched prefill)
-        goes layer by layer, in pieces, so its features never hold all layers' entries at once."""
+        layers go through one batched product when they share a device and shape, their new
+        entries read and their scores written for all layers at once (:meth:`ClusteredLayer.newest_entries`:
+        a decoding step launches about a dozen kernels, not a few per layer); a long forward (a
+        batched prefill) goes layer by layer, in pieces, so its features never hold all layers' entries at once."""
         layers = [(i, layer) for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.new_tokens]
         if not layers:
             return
-        keys, values = zip(*(_new_entries(layer) for _, layer in layers))
+        indices, members = [i for i, _ in layers], [layer for _, layer in layers]
         weight = cache.method.scoring.fact_weight
+        tails = ClusteredLayer.newest_entries(members)  # every layer's new entries read and scored in one launch each
+        if tails is not None and tails.uniform and tails.elements <= STACK_ELEMENTS:
+            own, agreed = self._predict_stacked(indices, *tails.read())
+            self._share_budgets(cache, members)
+            tails.write(own.add_(agreed[None, :, None, :], alpha=weight))
+            return
+        keys, values = zip(*(_new_entries(layer) for layer in members))
         if len({(k.device, k.shape, v.shape) for k, v in zip(keys, values)}) == 1 and sum(k.numel() for k in keys) <= STACK_ELEMENTS:
-            own, agreed = self._predict_stacked([i for i, _ in layers], torch.stack(keys), torch.stack(values))
+            own, agreed = self._predict_stacked(indices, torch.stack(keys), torch.stack(values))
             scores = own.add_(agreed[None, :, None, :], alpha=weight)  # [layers, batch, kv, n]: one kernel for all layers
         else:  # layers spread over devices, shaped differently, or too many entries to stack: one product each
-            predictions = [self.predict(i, k, v) for (i, _), k, v in zip(layers, keys, values)]
+            predictions = [self.predict(i, k, v) for i, k, v in zip(indices, keys, values)]
             agreed = torch.stack([p[1].to(predictions[0][1].device) for p in predictions]).mean(0)
             scores = [p[0].add_(agreed.to(p[0].device)[:, None, :], alpha=weight) for p in predictions]
-        self._share_budgets(cache, [layer for _, layer in layers])
-        for (_, layer), score in zip(layers, scores):
+        self._share_budgets(cache, members)
+        for layer, score in zip(members, scores):
             layer.score_new_entries(score)
 
     def _share_budgets(self, cache, layers: list) -> None:
