@@ -7,7 +7,11 @@ phase's time is what it costs that thread, kernels included. The synchronisation
 a little: requests per second here are lower than in ``serve_load.py``, compare methods with
 each other, not with its tables. With ``--host-time`` nothing is synchronised: a phase's time is
 what the host spends issuing its work (and any wait the code makes itself), so comparing the two
-runs says which phases keep the GPU waiting. Prints one table per method and writes JSON.
+runs says which phases keep the GPU waiting. With ``--profile``, per method, the decoding step's
+compressions and scoring are broken down into the PyTorch operations they run, by the function of
+``chelsea`` that called each: the host time of each (a wait for the device included: it shows in
+the operation that reads a result back), and what is left for Python itself. Timing every
+operation slows the run. Prints one table per method and writes JSON.
 
     python benchmarks/serve_phases.py --model qwen2.5-7b --tokenizer TOKENIZER_DIR --context 32000 \
         --clients 64 --kv-budget-gib 16 --methods chelsea-paper,chelsea --out phases.json
@@ -21,11 +25,13 @@ import copy
 import datetime
 import functools
 import json
+import sys
 import threading
 import time
 from collections import defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import serve_load
 from chelsea.cache import ClusteredCache
@@ -39,6 +45,36 @@ from chelsea.serving.prefill import PrefillWorker
 _totals: dict = defaultdict(lambda: [0.0, 0])
 _local = threading.local()
 _synced = [True]  # whether phases synchronise the stream (--host-time turns it off)
+_profiled = [False]  # whether phases of BROKEN_DOWN time their operations now (--profile: in the measured load only)
+_profile = [False]  # --profile
+BROKEN_DOWN = ("compress_due", "score_new")
+_ops: dict = defaultdict(lambda: [0.0, 0])  # (phase, caller, op) -> [seconds, calls]
+
+
+class _OpTimer(TorchDispatchMode):
+    """Times every PyTorch operation run on this thread inside a phase, by its caller in ``chelsea``."""
+
+    def __init__(self, phase_name: str):
+        super().__init__()
+        self.phase = phase_name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        row = _ops[(self.phase, _caller(), func.overloadpacket.__name__)]
+        row[0] += time.perf_counter() - start
+        row[1] += 1
+        return out
+
+
+def _caller() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "/chelsea/" in name:
+            return name.rsplit("/chelsea/", 1)[1] + ":" + frame.f_code.co_name
+        frame = frame.f_back
+    return "?"
 
 
 def _sync() -> None:
@@ -55,8 +91,10 @@ def phase(name: str):
     """Time ``name`` on this thread (nested phases count inside their parent too)."""
     _sync()
     start = time.perf_counter()
+    timer = _OpTimer(name) if _profiled[0] and name in BROKEN_DOWN and _thread() == "decode" else contextlib.nullcontext()
     try:
-        yield
+        with timer:
+            yield
     finally:
         _sync()
         total = _totals[(_thread(), name)]
@@ -112,7 +150,12 @@ def _timed_load() -> None:
     @functools.wraps(run_load)
     def timed(*args, **kwargs):
         _totals.clear()
-        result = run_load(*args, **kwargs)
+        _ops.clear()
+        _profiled[0] = _profile[0]
+        try:
+            result = run_load(*args, **kwargs)
+        finally:
+            _profiled[0] = False
         _load_totals.clear()
         _load_totals.update(_totals)
         return result
@@ -121,6 +164,23 @@ def _timed_load() -> None:
 
 
 _load_totals: dict = {}
+
+
+def breakdown(steps: int, top: int = 25) -> dict:
+    """Per phase of :data:`BROKEN_DOWN`: its operations by host time, ms per decoding step, each
+    with the ``chelsea`` function that ran it; the phase's total and the part no operation took."""
+    out = {}
+    for name in BROKEN_DOWN:
+        rows = sorted(((k[1], k[2], v) for k, v in _ops.items() if k[0] == name), key=lambda r: -r[2][0])
+        (total, calls), = [v for (thread, phase_name), v in _load_totals.items() if thread == "decode" and phase_name == name] or [(0.0, 0)]
+        if not rows:
+            continue
+        in_ops = sum(v[0] for _, _, v in rows)
+        out[name] = {"ms_per_step": round(1000 * total / steps, 3), "in_operations_ms_per_step": round(1000 * in_ops / steps, 3),
+                     "operations_per_step": round(sum(v[1] for _, _, v in rows) / steps, 1),
+                     "top": [{"caller": caller, "op": op, "ms_per_step": round(1000 * v[0] / steps, 4),
+                              "calls_per_step": round(v[1] / steps, 2)} for caller, op, v in rows[:top]]}
+    return out
 
 
 def main() -> None:
@@ -136,6 +196,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--host-time", action="store_true", help="do not synchronise around phases: time what the host spends")
+    parser.add_argument("--profile", action="store_true", help="break the decoding step's compressions and scoring down into "
+                                                                "the operations they run (slows the run)")
     parser.add_argument("--out")
     args = parser.parse_args()
     _synced[0] = not args.host_time
@@ -152,7 +214,9 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         serve_load.measure_method(engine, method, args, docs, questions, rehearse=True, run=0)  # warm-up, not counted
+        _profile[0] = args.profile
         row = serve_load.measure_method(engine, method, args, docs, questions, rehearse=False, run=1)[0]
+        _profile[0] = False
         phases = {f"{thread}/{name}": {"s": round(t, 3), "calls": n, "ms_per_call": round(1000 * t / max(1, n), 2)}
                   for (thread, name), (t, n) in sorted(_load_totals.items())}
         results.append({"method": method, "requests_per_s": row["requests_per_s"], "wall_s": row["wall_s"],
@@ -161,6 +225,13 @@ def main() -> None:
         print(f"\n{method}: {row['requests_per_s']} requests/s, {row['decode_steps']} steps, wall {row['wall_s']} s")
         for name, p in phases.items():
             print(f"  {name:28s} {p['s']:8.3f} s  {p['calls']:6d} calls  {p['ms_per_call']:8.2f} ms/call")
+        if args.profile:
+            results[-1]["profile"] = parts = breakdown(max(1, row["decode_steps"]))
+            for name, part in parts.items():
+                print(f"  {name}: {part['ms_per_step']} ms per step, {part['in_operations_ms_per_step']} ms in "
+                      f"{part['operations_per_step']} operations")
+                for r in part["top"]:
+                    print(f"    {r['caller'][:44]:44s} {r['op'][:22]:22s} {r['ms_per_step']:8.4f} ms  x{r['calls_per_step']}")
     engine.close()
     if args.out:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -83,7 +83,8 @@ class LayerTails:
     @property
     def elements(self) -> int:
         """Key elements the tails hold, all layers together."""
-        return len(self.keys) * self.keys[0][:, :, :1].numel() * self.n
+        batch, heads, _, dim = self.keys[0].shape
+        return len(self.keys) * batch * heads * dim * self.n
 
     def table(self) -> torch.Tensor:
         if self._table is None:
