@@ -114,6 +114,34 @@ def test_layer_tails_read_and_write_every_layers_newest_entries(device, n):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("n", [1, 5, 37])
+def test_fused_learned_scores_equal_the_scorers_pytorch_path(device, n):
+    """On CUDA two launches write what the learned scorer's PyTorch path computes for every layer's
+    newest entries (own score plus the fact weight times the agreement averaged over layers), and
+    nothing else; on the CPU the fused path does not apply."""
+    from chelsea.kernels import LayerTails, fused_scoring_applies, score_tails
+    from chelsea.scoring.learned import LearnedScorer
+
+    g = torch.Generator(device=device).manual_seed(3)
+    heads, dim, dim_v, capacities, ends = 2, 64, 64, [80, 64, 120], [70, 40, 120]
+    keys = [torch.randn(2, heads, c, dim, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    values = [torch.randn(2, heads, c, dim_v, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    counts = [torch.randn(2, heads, c, 2, generator=g, device=device) for c in capacities]
+    weights = torch.randn(3, heads * (dim_v + dim // 2) + 1, heads + 1, generator=g, device=device) * 0.05
+    tails = LayerTails(keys, values, counts, ends, n, channel=1)
+    assert fused_scoring_applies(tails, weights) == (device == "cuda")
+    if device == "cpu":
+        return
+    own, agreed = LearnedScorer(list(weights))._predict_stacked([0, 1, 2], *tails.read())
+    want = [c.clone() for c in counts]
+    for w, e, s in zip(want, ends, own + 100.0 * agreed[None, :, None, :]):
+        w[:, :, e - n : e, 1] = s
+    score_tails(tails, weights, 100.0)
+    for got, expected in zip(counts, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 # Chelsea's merge step: the two chunk-local kernels against the PyTorch functions ---------------
 
 from chelsea.kernels import soft_matching  # noqa: E402

@@ -42,7 +42,7 @@ if triton is not None:
         vo = VOut + layer.to(tl.int64) * sv_l + b * sv_b + h * sv_h
         d = tl.arange(0, D)[None, :]
         dv = tl.arange(0, DV)[None, :]
-        for j0 in range(0, n, BN):
+        for j0 in tl.range(0, n, BN):
             j = j0 + tl.arange(0, BN)[:, None]
             mk = (j < n) & (d < dim)
             tl.store(ko + j * so_n + d, tl.load(k_base + (start + j) * k_step + d, mask=mk), mask=mk)
@@ -61,7 +61,7 @@ if triton is not None:
         base = counts + b * tl.load(row + 10) + h * tl.load(row + 11) + channel
         step = tl.load(row + 12)
         src = Scores + layer.to(tl.int64) * ss_l + b * ss_b + h * ss_h
-        for j0 in range(0, n, BN):
+        for j0 in tl.range(0, n, BN):
             j = j0 + tl.arange(0, BN)
             tl.store(base + (start + j) * step, tl.load(src + j * ss_n, mask=j < n), mask=j < n)
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..cache import ClusteredCache, ClusteredLayer
 from ..errors import ChelseaError
+from ..kernels import fused_scoring_applies, score_tails
 from .budgets import score_profile, split_budgets
 from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
 from .fact_heads import consensus, find_fact_heads, lend_ranks
@@ -108,8 +109,12 @@ class LearnedScorer:
         weight = cache.method.scoring.fact_weight
         tails = ClusteredLayer.newest_entries(members)  # every layer's new entries read and scored in one launch each
         if tails is not None and tails.uniform and tails.elements <= STACK_ELEMENTS:
-            own, agreed = self._predict_stacked(indices, *tails.read())
             self._share_budgets(cache, members)
+            weights = self._stacked_weights(indices, tails.keys[0].device)
+            if fused_scoring_applies(tails, weights):  # on a GPU: two launches for every layer
+                score_tails(tails, weights, weight)
+                return
+            own, agreed = self._predict_stacked(indices, *tails.read())
             tails.write(own.add_(agreed[None, :, None, :], alpha=weight))
             return
         keys, values = zip(*(_new_entries(layer) for layer in members))
@@ -143,12 +148,16 @@ class LearnedScorer:
         """:meth:`predict` of several layers' entries ``[layers, batch, kv, n, d]`` at once:
         ``(scores [layers, batch, kv, n], agreement averaged over the layers [batch, n])``."""
         count, batch, _, n, _ = keys.shape
-        key = (tuple(indices), keys.device)
-        if self._stacked.get("key") != key:
-            self._stacked = {"key": key, "weights": torch.stack([self.weights[i] for i in indices]).to(keys.device)}
         x = features(keys.flatten(0, 1), values.flatten(0, 1)).view(count, batch * n, -1)
-        y = torch.bmm(x, self._stacked["weights"]).view(count, batch, n, -1)
+        y = torch.bmm(x, self._stacked_weights(indices, keys.device)).view(count, batch, n, -1)
         return _own_scores(y).transpose(2, 3), y[..., -1].mean(0)
+
+    def _stacked_weights(self, indices: list[int], device: torch.device) -> torch.Tensor:
+        """The maps of layers ``indices`` as one ``[layers, F + 1, kv + 1]`` tensor on ``device`` (kept for the next call)."""
+        key = (tuple(indices), device)
+        if self._stacked.get("key") != key:
+            self._stacked = {"key": key, "weights": torch.stack([self.weights[i] for i in indices]).to(device).contiguous()}
+        return self._stacked["weights"]
 
     def to_dict(self) -> dict:
         return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics,
