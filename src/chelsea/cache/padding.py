@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .storage import left_padded, pad_slots
+from .storage import left_padded, pad_view
 
 
 def row_stats(layers: list) -> list[list[list[int]]]:
@@ -124,7 +124,7 @@ class Padding:
         for name, tail in zip(self._buffers, tails):
             buf = getattr(self, name)
             old = buf[:, :, :length].index_select(0, b)
-            fill = pad_slots(name, old, 1)
+            fill = pad_view(name, old, 1)
             joined = torch.cat([fill, old, tail], dim=2)
             take = source.view(len(rows), 1, length, *([1] * (old.dim() - 3))).expand(*old.shape)
             buf[:, :, :length].index_copy_(0, b, torch.gather(joined, 2, take))

@@ -37,11 +37,25 @@ def pad_slots(name: str, like: torch.Tensor, entries: int, rows: int | None = No
     return out
 
 
+_SLOTS: dict = {}  # one padding slot per (buffer, device, dtype, entry shape), for pad_view
+
+
+def pad_view(name: str, like: torch.Tensor, entries: int) -> torch.Tensor:
+    """:func:`pad_slots` as a broadcast view of one stored slot: nothing allocated or filled, for
+    reading only (joined by ``cat``, gathered from). A compression rewrites every layer's rows
+    with padding in front; a fill per buffer and layer was three kernel launches per layer."""
+    key = (name, like.device, like.dtype, tuple(like.shape[3:]))
+    slot = _SLOTS.get(key)
+    if slot is None:
+        slot = _SLOTS[key] = pad_slots(name, like[:1, :1], 1)
+    return slot.expand(like.shape[0], like.shape[1], entries, *like.shape[3:])
+
+
 def left_padded(entries: tuple[torch.Tensor, ...], names: tuple[str, ...], pad: int) -> tuple[torch.Tensor, ...]:
     """``entries`` (one tensor per buffer in ``names``) with ``pad`` padding slots before them."""
     if pad == 0:
         return entries
-    return tuple(torch.cat([pad_slots(name, t, pad), t], dim=2) for name, t in zip(names, entries))
+    return tuple(torch.cat([pad_view(name, t, pad), t], dim=2) for name, t in zip(names, entries))
 
 
 class LayerStorage(CacheLayerMixin):
