@@ -55,7 +55,7 @@ if triton is not None:
         tl.store(y + j[:, None] * sy_n + o[None, :], acc, mask=(j[:, None] < n) & (o[None, :] < outputs))
 
     @triton.jit
-    def _score_kernel(Table, Y, layers, heads, n, fact_weight, sy_l, sy_b, sy_n, BN: tl.constexpr):
+    def _score_kernel(Table, Y, layers, heads, n, channel, fact_weight, sy_l, sy_b, sy_n, BN: tl.constexpr):
         layer = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // heads).to(tl.int64)
@@ -63,7 +63,7 @@ if triton is not None:
         row = Table + layer * 13
         counts = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         start = tl.load(row + 3)
-        base = counts + b * tl.load(row + 10) + h * tl.load(row + 11) + 1
+        base = counts + b * tl.load(row + 10) + h * tl.load(row + 11) + channel
         step = tl.load(row + 12)
         for j0 in tl.range(0, n, BN):
             j = j0 + tl.arange(0, BN)
@@ -77,19 +77,19 @@ if triton is not None:
 
 
 def fused_scoring_applies(tails: LayerTails, weights: torch.Tensor) -> bool:
-    """Whether :func:`score_tails` runs for ``tails`` (bf16 keys and values on a CUDA device, the
-    score at channel 1 of float32 statistics) with stacked maps ``weights`` ``[layers, F + 1, heads + 1]``."""
+    """Whether :func:`score_tails` runs for ``tails`` (bf16 keys and values on a CUDA device,
+    float32 statistics) with stacked maps ``weights`` ``[layers, F + 1, heads + 1]``."""
     k0, v0 = tails.keys[0], tails.values[0]
     heads = k0.shape[1]
-    return (tails.kernel and k0.dtype == torch.bfloat16 and v0.dtype == torch.bfloat16 and tails.channel == 1
+    return (tails.kernel and k0.dtype == torch.bfloat16 and v0.dtype == torch.bfloat16
             and tails.counts[0].dtype == torch.float32 and k0.shape[-1] % 2 == 0 and weights.is_cuda
             and weights.dtype == torch.float32 and weights.is_contiguous()
             and tuple(weights.shape) == (len(tails.keys), heads * (v0.shape[-1] + k0.shape[-1] // 2) + 1, heads + 1))
 
 
 def score_tails(tails: LayerTails, weights: torch.Tensor, fact_weight: float) -> None:
-    """Write every layer's predicted scores for its newest entries (see the module doc); needs
-    :func:`fused_scoring_applies`."""
+    """Write every layer's predicted scores for its newest entries (into channel ``tails.channel``
+    of their statistics; see the module doc); needs :func:`fused_scoring_applies`."""
     batch, heads, _, dim = tails.keys[0].shape
     dim_v, half, n, layers = tails.values[0].shape[-1], dim // 2, tails.n, len(tails.keys)
     outputs = heads + 1
@@ -101,5 +101,5 @@ def score_tails(tails: LayerTails, weights: torch.Tensor, fact_weight: float) ->
         y.stride(0), y.stride(1), y.stride(2),
         DV=max(16, triton.next_power_of_2(dim_v)), DH=max(16, triton.next_power_of_2(half)),
         OP=max(16, triton.next_power_of_2(outputs)), BN=bn)
-    _score_kernel[(layers, batch * heads)](table, y, layers, heads, n, float(fact_weight), y.stride(0), y.stride(1), y.stride(2),
-                                          BN=min(128, triton.next_power_of_2(n)))
+    _score_kernel[(layers, batch * heads)](table, y, layers, heads, n, tails.channel, float(fact_weight), y.stride(0), y.stride(1),
+                                          y.stride(2), BN=min(128, triton.next_power_of_2(n)))

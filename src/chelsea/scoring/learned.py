@@ -99,9 +99,10 @@ class LearnedScorer:
         predicted scores plus ``fact_weight`` times the agreement predicted by all layers together
         (their mean). At the write slot when the layers are pinned (a CUDA graph's step). The
         layers go through one batched product when they share a device and shape, their new
-        entries read and their scores written for all layers at once (:meth:`ClusteredLayer.newest_entries`:
-        a decoding step launches about a dozen kernels, not a few per layer); a long forward (a
-        batched prefill) goes layer by layer, in pieces, so its features never hold all layers' entries at once."""
+        entries read and their scores written for all layers at once (:meth:`ClusteredLayer.newest_entries`;
+        on a GPU the whole prediction is two launches, :mod:`chelsea.kernels.learned_scores`); a long
+        forward (a batched prefill) goes layer by layer, in pieces, so its features never hold all
+        layers' entries at once."""
         layers = [(i, layer) for i, layer in enumerate(cache.layers) if layer.is_initialized and layer.new_tokens]
         if not layers:
             return
