@@ -63,6 +63,34 @@ def test_prompt_and_decoded_entries_get_the_scorers_scores(learned):
     assert stats["kv_bytes"] < 0.35 * stats["kv_bytes_full"]
 
 
+def test_fused_kernels_that_fail_give_way_to_the_pytorch_scores(learned, monkeypatch):
+    """Where the fused scoring kernels cannot be built or launched, the first failure switches
+    scoring to the PyTorch path for good, and decoded entries still get the scorer's scores."""
+    import chelsea.scoring.learned as module
+
+    model, tokenizer, cache, scorer = learned
+    failures = []
+
+    def broken(*args, **kwargs):
+        failures.append(1)
+        raise RuntimeError("no GPU kernels here")
+
+    monkeypatch.setattr(module, "fused_scoring_applies", lambda *args: True)
+    monkeypatch.setattr(module, "score_tails", broken)
+    monkeypatch.setattr(module, "_fused", [True])
+    ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(2))
+    compress_context(model, cache, ids, tokenizer)
+    with torch.no_grad():
+        model.generate(input_ids=torch.cat([ids, ids[:, :3]], 1), **cache_arg(model, cache), max_new_tokens=6, min_new_tokens=6,
+                       do_sample=False)
+    assert failures == [1] and module._fused == [False]
+    weight = cache.method.scoring.fact_weight
+    predictions = [scorer.predict(i, layer.keys[:, :, -4:], layer.values[:, :, -4:]) for i, layer in enumerate(cache.layers)]
+    agreed = torch.stack([a for _, a in predictions]).mean(0)
+    for layer, (own, _) in zip(cache.layers, predictions):
+        torch.testing.assert_close(layer.scores[:, :, -4:], own + weight * agreed[:, None, :], rtol=1e-4, atol=1e-4)
+
+
 def test_pinned_steps_score_their_token_like_ordinary_steps(learned):
     model, tokenizer, cache, scorer = learned
     ids = torch.randint(0, 1000, (1, 300), generator=torch.Generator().manual_seed(2))

@@ -112,8 +112,7 @@ class LearnedScorer:
         if tails is not None and tails.uniform and tails.elements <= STACK_ELEMENTS:
             self._share_budgets(cache, members)
             weights = self._stacked_weights(indices, tails.keys[0].device)
-            if fused_scoring_applies(tails, weights):  # on a GPU: two launches for every layer
-                score_tails(tails, weights, weight)
+            if _fused[0] and fused_scoring_applies(tails, weights) and _score_fused(tails, weights, weight):
                 return
             own, agreed = self._predict_stacked(indices, *tails.read())
             tails.write(own.add_(agreed[None, :, None, :], alpha=weight))
@@ -163,6 +162,21 @@ class LearnedScorer:
     def to_dict(self) -> dict:
         return {"version": LEARNED_VERSION, "weights": [w.cpu() for w in self.weights], "metrics": self.metrics,
                 "profile": self.profile}
+
+
+_fused = [True]  # whether the fused kernels may run (off once they failed to compile or launch on this machine)
+
+
+def _score_fused(tails, weights: torch.Tensor, fact_weight: float) -> bool:
+    """:func:`~chelsea.kernels.score_tails`; ``False`` (and the PyTorch path from then on) if the
+    kernels cannot be built or launched here, which Triton reports only on first use."""
+    try:
+        score_tails(tails, weights, fact_weight)
+        return True
+    except Exception as err:  # noqa: BLE001 - a GPU or Triton build without what the kernels need
+        _fused[0] = False
+        log.warning("the fused learned-scoring kernels failed (%s); scoring with PyTorch operations from now on", err)
+        return False
 
 
 def _new_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
