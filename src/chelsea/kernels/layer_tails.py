@@ -27,8 +27,8 @@ if triton is not None:
     @triton.jit
     def _read_tails_kernel(Table, KOut, VOut, heads, n, dim, dim_v, so_l, so_b, so_h, so_n, sv_l, sv_b, sv_h, sv_n,
                            D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr):
-        layer = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # rows x heads first: the grid's first dimension is the one without a 65,535 cap
+        layer = tl.program_id(1)
         b = (bh // heads).to(tl.int64)
         h = (bh % heads).to(tl.int64)
         row = Table + layer * 13
@@ -51,8 +51,8 @@ if triton is not None:
 
     @triton.jit
     def _write_tails_kernel(Table, Scores, heads, n, channel, ss_l, ss_b, ss_h, ss_n, BN: tl.constexpr):
-        layer = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # rows x heads first: the grid's first dimension is the one without a 65,535 cap
+        layer = tl.program_id(1)
         b = (bh // heads).to(tl.int64)
         h = (bh % heads).to(tl.int64)
         row = Table + layer * 13
@@ -103,7 +103,7 @@ class LayerTails:
         dim_v = self.values[0].shape[-1]
         k_out = first.new_empty(len(self.keys), batch, heads, n, dim)
         v_out = self.values[0].new_empty(len(self.keys), batch, heads, n, dim_v)
-        _read_tails_kernel[(len(self.keys), batch * heads)](
+        _read_tails_kernel[(batch * heads, len(self.keys))](
             self.table(), k_out, v_out, heads, n, dim, dim_v, *k_out.stride()[:4], *v_out.stride()[:4],
             D=triton.next_power_of_2(dim), DV=triton.next_power_of_2(dim_v), BN=min(16, triton.next_power_of_2(n)))
         return k_out, v_out
@@ -116,7 +116,7 @@ class LayerTails:
                 c[:, :, s : s + n, channel] = part
             return
         batch, heads = stats.shape[1:3]
-        _write_tails_kernel[(len(self.counts), batch * heads)](
+        _write_tails_kernel[(batch * heads, len(self.counts))](
             self.table(), stats, heads, n, channel, *stats.stride(), BN=min(128, triton.next_power_of_2(n)))
 
 

@@ -24,8 +24,8 @@ if triton is not None:
     def _predict_kernel(Table, W, Y, heads, n, dim_v, half, features, outputs,
                         sw_l, sw_f, sy_l, sy_b, sy_n,
                         DV: tl.constexpr, DH: tl.constexpr, OP: tl.constexpr, BN: tl.constexpr):
-        layer = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(0).to(tl.int64)
+        layer = tl.program_id(1)
         j = tl.program_id(2) * BN + tl.arange(0, BN)
         row = Table + layer * 13
         keys = tl.load(row).to(tl.pointer_type(tl.bfloat16))
@@ -56,8 +56,8 @@ if triton is not None:
 
     @triton.jit
     def _score_kernel(Table, Y, layers, heads, n, channel, fact_weight, sy_l, sy_b, sy_n, BN: tl.constexpr):
-        layer = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # rows x heads first: the grid's first dimension is the one without a 65,535 cap
+        layer = tl.program_id(1)
         b = (bh // heads).to(tl.int64)
         h = bh % heads
         row = Table + layer * 13
@@ -96,10 +96,10 @@ def score_tails(tails: LayerTails, weights: torch.Tensor, fact_weight: float) ->
     y = torch.empty(layers, batch, n, outputs, dtype=torch.float32, device=tails.keys[0].device)
     table = tails.table()
     bn = 16 if n <= 16 else 32
-    _predict_kernel[(layers, batch, triton.cdiv(n, bn))](
+    _predict_kernel[(batch, layers, triton.cdiv(n, bn))](
         table, weights, y, heads, n, dim_v, half, weights.shape[1] - 1, outputs, weights.stride(0), weights.stride(1),
         y.stride(0), y.stride(1), y.stride(2),
         DV=max(16, triton.next_power_of_2(dim_v)), DH=max(16, triton.next_power_of_2(half)),
         OP=max(16, triton.next_power_of_2(outputs)), BN=bn)
-    _score_kernel[(layers, batch * heads)](table, y, layers, heads, n, tails.channel, float(fact_weight), y.stride(0), y.stride(1),
+    _score_kernel[(batch * heads, layers)](table, y, layers, heads, n, tails.channel, float(fact_weight), y.stride(0), y.stride(1),
                                           y.stride(2), BN=min(128, triton.next_power_of_2(n)))
