@@ -19,8 +19,6 @@ try:
 except ImportError:
     triton = None
 
-COLUMNS = 13  # per layer: key, value and count buffer addresses, tail start, (batch, head, entry) strides of each
-
 
 if triton is not None:
 
@@ -87,6 +85,9 @@ class LayerTails:
         return len(self.keys) * batch * heads * dim * self.n
 
     def table(self) -> torch.Tensor:
+        """``[layers, 13]`` int64 on the device, per layer: the key, value and statistics buffers'
+        addresses, the tail's first entry, then the (row, head, entry) strides of the key, value and
+        statistics buffers (the kernels read it by these column numbers)."""
         if self._table is None:
             rows = [[k.data_ptr(), v.data_ptr(), c.data_ptr(), s, *k.stride()[:3], *v.stride()[:3], *c.stride()[:3]]
                     for k, v, c, s in zip(self.keys, self.values, self.counts, self.starts)]
