@@ -139,10 +139,10 @@ def _choose(region: torch.Tensor, keep_n: list[int], exact_share: float) -> tupl
     """``(kept, exact)`` masks over the region scores ``[B, H, n]``: each (row, head) keeps its
     ``keep_n[row]`` best; the best ``exact_share`` of a row's kept entries, ranked over all heads
     together (uneven per head, as in AdaKV), are exact."""
-    heads, device = region.shape[1], region.device
-    kept = _best(region, _on(device, keep_n))
-    exact_n = _on(device, [int(round(exact_share * k * heads)) for k in keep_n])
-    exact = _best(region.masked_fill(~kept, float("-inf")).flatten(1), exact_n).view_as(kept) & kept
+    heads, device, rows = region.shape[1], region.device, len(keep_n)
+    counts = _on(device, keep_n + [int(round(exact_share * k * heads)) for k in keep_n])  # one copy to the device for both
+    kept = _best(region, counts[:rows])
+    exact = _best(region.masked_fill(~kept, float("-inf")).flatten(1), counts[rows:]).view_as(kept) & kept
     return kept, exact
 
 
