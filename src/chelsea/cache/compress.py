@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..host import on_device
 from ..methods import concat_references, region_bounds
 from .padding import row_stats
 
@@ -167,6 +168,6 @@ def _read_block(block: list[tuple], span: int) -> tuple[torch.Tensor, ...]:
     """The entries to compress of a block's rows: the last ``span`` real entries of each."""
     layer, b, stored, start, _, contiguous = block[0]
     if contiguous:
-        rows = torch.tensor([item[1] for item in block], device=layer.device)
+        rows = on_device([item[1] for item in block], layer.device)
         return tuple(t[:, :, layer.length - span :].index_select(0, rows) for t in layer._entries())
     return layer._row(b, layer._real_entries(b, stored, contiguous)[start:])

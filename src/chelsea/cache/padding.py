@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..host import on_device
 from .storage import left_padded, pad_view
 
 
@@ -29,7 +30,7 @@ def row_stats(layers: list) -> list[list[list[int]]]:
         group = [layers[i] for i in members]
         valid = torch.cat([layer.log_counts[:, 0] for layer in group], dim=1) > float("-inf")  # padding is marked on every head alike
         zero = valid.new_zeros(valid.shape[0], 1, dtype=torch.long)
-        bounds = torch.tensor([0, *(layer.length for layer in group)]).cumsum(0).to(device)  # where each layer starts and ends
+        bounds = on_device([0, *(layer.length for layer in group)], device).cumsum(0)  # where each layer starts and ends
         stored = torch.cat([zero, valid.long().cumsum(1)], 1).index_select(1, bounds).diff(dim=1)
         # a row is contiguous unless a real entry is followed by padding within its layer
         after = torch.cat([valid[:, 1:], valid.new_ones(valid.shape[0], 1)], 1)
@@ -114,7 +115,7 @@ class Padding:
         per buffer (not one copy per row), the entries before the span shifted up by what was
         removed and padding in front."""
         length, device = self.length, self.device
-        index = torch.tensor([rows, stored, kept], device=device)
+        index = on_device([rows, stored, kept], device)
         b, stored_t, kept_t = index[0], index[1, :, None], index[2, :, None]
         removed = span - kept_t
         slot = torch.arange(length, device=device)[None]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..host import on_device
 from ..settings import Importance, setting
 from .base import Method, compute_dtype, region_bounds, register
 from .fitted_merge import ReferenceQueries, fitted_merge_terms
@@ -51,14 +52,6 @@ def _best(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
     return rank < counts.view(-1, *([1] * (scores.dim() - 1)))
-
-
-def _on(device: torch.device, numbers: list[int]) -> torch.Tensor:
-    """``numbers`` as a long tensor on ``device``, copied without waiting for the device's queue."""
-    host = torch.tensor(numbers, dtype=torch.long)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _nearest_representative(keys: torch.Tensor, reps: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +133,7 @@ def _choose(region: torch.Tensor, keep_n: list[int], exact_share: float) -> tupl
     ``keep_n[row]`` best; the best ``exact_share`` of a row's kept entries, ranked over all heads
     together (uneven per head, as in AdaKV), are exact."""
     heads, device, rows = region.shape[1], region.device, len(keep_n)
-    counts = _on(device, keep_n + [int(round(exact_share * k * heads)) for k in keep_n])  # one copy to the device for both
+    counts = on_device(keep_n + [int(round(exact_share * k * heads)) for k in keep_n], device)  # one copy to the device for both
     kept = _best(region, counts[:rows])
     exact = _best(region.masked_fill(~kept, float("-inf")).flatten(1), counts[rows:]).view_as(kept) & kept
     return kept, exact

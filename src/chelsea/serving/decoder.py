@@ -19,6 +19,7 @@ import torch
 
 from ..cache import ClusteredCache
 from ..compat import cache_arg
+from ..host import on_device
 from .protocol import Job
 from .sampling import RowSampler, choose_tokens
 
@@ -103,8 +104,8 @@ class Decoder:
             if key not in self.batches:
                 return
         device = self.model.device
-        tokens = torch.tensor([[row.token] for row in batch.rows], device=device)
-        positions = torch.tensor(batch.cache.row_positions(), device=device)[:, None]
+        tokens = on_device([[row.token] for row in batch.rows], device)
+        positions = on_device(batch.cache.row_positions(), device)[:, None]
         with batch.cache.held():  # every due layer compresses after the step, in one batch
             logits = self.model(tokens, position_ids=positions, **cache_arg(self.model, batch.cache), use_cache=True,
                                 logits_to_keep=1).logits
