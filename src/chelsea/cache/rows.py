@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ChelseaError
+from ..host import on_device
 from .storage import left_padded, pad_slots
 
 
@@ -102,8 +103,14 @@ class RowOps:
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only batch rows ``rows`` (in that order), then drop what no remaining row needs:
         leading entries that are padding in every row, and padding tokens every row counts."""
-        index = torch.tensor(rows, dtype=torch.long)
-        self._map_rows(lambda t: t.index_select(0, index.to(t.device)))
+        index: dict = {}  # one copy of the row numbers per device (not one per buffer)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            if t.device not in index:
+                index[t.device] = on_device(rows, t.device)
+            return t.index_select(0, index[t.device])
+
+        self._map_rows(pick)
         if not rows or self.row_padding is None:
             return
         common = int(self.row_padding.min())
