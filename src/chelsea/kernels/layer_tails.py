@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..host import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -91,7 +93,7 @@ class LayerTails:
         if self._table is None:
             rows = [[k.data_ptr(), v.data_ptr(), c.data_ptr(), s, *k.stride()[:3], *v.stride()[:3], *c.stride()[:3]]
                     for k, v, c, s in zip(self.keys, self.values, self.counts, self.starts)]
-            self._table = torch.tensor(rows, dtype=torch.int64).pin_memory().to(self.keys[0].device, non_blocking=True)
+            self._table = on_device(rows, self.keys[0].device, torch.int64)
         return self._table
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
