@@ -1,6 +1,8 @@
 """The Triton decode kernel against the PyTorch path. Runs the kernel on CUDA machines only;
 on the CPU it checks that the fallback is the PyTorch path itself."""
 
+import os
+
 import pytest
 import torch
 
@@ -140,6 +142,84 @@ def test_fused_learned_scores_equal_the_scorers_pytorch_path(device, n):
     score_tails(tails, weights, 100.0)
     for got, expected in zip(counts, want, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+# The due rows of many layers, read and rewritten by one launch each ------------------------------
+
+_kernels_run = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs them on the CPU
+
+
+@pytest.mark.skipif(not _kernels_run, reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("channels", [None, 2])
+def test_row_spans_read_and_rewrite_rows_in_place(channels):
+    """Rows of layers of different capacities and lengths, several rows of one layer: the read
+    gives each row's last ``span`` entries; the rewrite puts each row's first ``kept`` new entries
+    at its end, moves its older entries up by what was removed (also by fewer slots than a
+    block, and by none) and fills the slots they left with padding; other rows stay as they were."""
+    from chelsea.cache.storage import pad_slots
+    from chelsea.kernels import RowSpans
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(4)
+    heads, dim, dim_v, span = 2, 64, 96, 40
+    capacities, lengths = [300, 130, 200], [290, 100, 200]
+    tail = () if channels is None else (channels,)
+    keys = [torch.randn(3, heads, c, dim, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    values = [torch.randn(3, heads, c, dim_v, generator=g, device=device).to(torch.bfloat16) for c in capacities]
+    counts = [torch.randn(3, heads, c, *tail, generator=g, device=device) for c in capacities]
+    # (layer, row, real entries stored, entries kept of the span)
+    items = [(0, 0, 290, 3), (0, 2, 150, 39), (1, 1, 100, 40), (2, 0, 45, 10), (2, 2, 200, 1)]
+    spans = RowSpans([keys[i] for i, *_ in items], [values[i] for i, *_ in items], [counts[i] for i, *_ in items],
+                     [b for _, b, *_ in items], [lengths[i] for i, *_ in items], [s for _, _, s, _ in items], span)
+    got = spans.read()
+    for t, bufs in zip(got, (keys, values, counts)):
+        assert torch.equal(t, torch.stack([bufs[i][b, :, lengths[i] - span : lengths[i]] for i, b, *_ in items]))
+    new = tuple(torch.randn(len(items), heads, span, *shape, generator=g, device=device).to(t.dtype)
+                for t, shape in zip(got, ((dim,), (dim_v,), tail)))
+    want = [[t.clone() for t in bufs] for bufs in (keys, values, counts)]
+    for n, (i, b, stored, kept) in enumerate(items):
+        for w, name, fresh in zip(want, ("_key_buf", "_value_buf", "_count_buf"), new):
+            row, end = w[i][b : b + 1], lengths[i]
+            older = row[:, :, end - stored : end - span].clone()
+            row[:, :, end - stored + span - kept : end - kept] = older
+            row[:, :, end - kept : end] = fresh[n : n + 1, :, :kept]
+            row[:, :, end - stored : end - stored + span - kept] = pad_slots(name, row, span - kept)
+    spans.rewrite(new, [kept for *_, kept in items])
+    for w, bufs in zip(want, (keys, values, counts)):
+        for expected, buf in zip(w, bufs, strict=True):
+            assert torch.equal(buf, expected)
+
+
+@cuda
+@pytest.mark.parametrize("method,ratio", [("chelsea", 0.8), ("chelsea-paper", 0.5)])
+def test_row_spans_compress_joined_rows_as_the_pytorch_path(method, ratio, monkeypatch):
+    """A batch of joined rows of different lengths, compressing every due row of every layer
+    after a step: the kernels leave every buffer as the PyTorch path does."""
+    import copy
+
+    from chelsea import ClusteredCache, CompressionConfig
+    from chelsea.kernels import RowSpans
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    batch = ClusteredCache(CompressionConfig(ratio=ratio, window=16), method=method)
+    for n in (300, 180, 420):
+        part = ClusteredCache(CompressionConfig(ratio=ratio, window=16), method=method).holding(
+            [(torch.randn(1, 2, n, 64, generator=g, device="cuda").to(torch.bfloat16),
+              torch.randn(1, 2, n, 64, generator=g, device="cuda").to(torch.bfloat16)) for _ in range(3)])
+        for layer in part.layers:
+            if layer.scores is not None:
+                layer.scores.copy_(torch.rand(layer.scores.shape, generator=g, device="cuda"))
+        batch.append_rows(part)
+    for layer in batch.layers:
+        layer.row_since = [layer.every] * 3  # every row due
+    alike = copy.deepcopy(batch)
+    batch.compress_due()
+    monkeypatch.setattr(RowSpans, "applies", staticmethod(lambda *buffers: False))
+    alike.compress_due()
+    for mine, theirs in zip(batch.layers, alike.layers, strict=True):
+        assert mine.length == theirs.length and mine.compressions == theirs.compressions > 0
+        for a, b in zip(mine._entries(), theirs._entries(), strict=True):
+            assert torch.equal(a, b)
 
 
 # Chelsea's merge step: the two chunk-local kernels against the PyTorch functions ---------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..host import on_device
+from ..kernels import RowSpans
 from ..methods import concat_references, region_bounds
 from .padding import row_stats
 
@@ -104,7 +105,8 @@ def _padded_rows(layers: list) -> None:
     many to remove: ``chelsea``'s uneven layer budgets differ there) go through the method
     together. Their rows' statistics are read to the host in one transfer for all layers
     (:func:`~chelsea.cache.padding.row_stats`). Rows whose real entries are their last slots (as
-    joins and compressions leave them) are read and written back a layer's rows at a time
+    joins and compressions leave them) are read and written back all together on a GPU (one
+    launch each, :class:`~chelsea.kernels.RowSpans`), elsewhere a layer's rows at a time
     (:meth:`~chelsea.cache.padding.Padding._rewrite_tails`); others one by one."""
     row_groups: dict[tuple, list[tuple]] = {}
     for layer, stats in zip(layers, row_stats(layers)):
@@ -115,12 +117,21 @@ def _padded_rows(layers: list) -> None:
     removed = {layer: 0 for layer in layers}
     lengths: dict = {layer: [] for layer in layers}
     for (span, _, local, _), items in row_groups.items():
-        blocks = _blocks(items, span)
-        parts = [_read_block(block, span) for block in blocks]
+        spans = _row_spans(items, span)
+        blocks = [items] if spans is not None else _blocks(items, span)
+        parts = [spans.read()] if spans is not None else [_read_block(block, span) for block in blocks]
         removes = [item[4] for block in blocks for item in block]
         amount = removes[0] if len(set(removes)) == 1 else removes
-        out = items[0][0]._run(tuple(torch.cat(p) for p in zip(*parts)), amount, sinks=0 if local else None)
+        out = items[0][0]._run(tuple(torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)), amount,
+                               sinks=0 if local else None)
         lo, hi = region_bounds(span, 0 if local else items[0][0].config.sink_tokens, items[0][0].config.window)
+        if spans is not None:
+            kept = [span - min(n_remove, hi - lo) if not isinstance(amount, int) else out[0].shape[2] for *_, n_remove, _ in items]
+            spans.rewrite(out, kept)
+            for (layer, _, stored, *_), k in zip(items, kept):
+                removed[layer] = max(removed[layer], span - k)
+                lengths[layer].append(stored - span + k)
+            continue
         first = 0
         for block in blocks:
             layer, mine = block[0][0], tuple(t[first : first + len(block)] for t in out)
@@ -144,6 +155,19 @@ def _padded_rows(layers: list) -> None:
             # is at most the layer's length minus the longest row compressed now
             layer._drop_leading_padding(at_most=layer.length - max(lengths[layer]))
         layer._record(count)
+
+
+def _row_spans(items: list[tuple], span: int) -> RowSpans | None:
+    """The kernels' reader and writer of ``items`` (due rows of one compression group, possibly of
+    many layers), where every row's real entries are its last slots and the kernels take the
+    layers' buffers; ``None`` otherwise (the rows then go through :func:`_blocks`)."""
+    if not all(item[5] for item in items):
+        return None
+    layers = [item[0] for item in items]
+    buffers = [[getattr(layer, name) for layer in layers] for name in layers[0]._buffers]
+    if len(buffers) != 3 or not RowSpans.applies(*buffers):
+        return None
+    return RowSpans(*buffers, [item[1] for item in items], [layer.length for layer in layers], [item[2] for item in items], span)
 
 
 def _blocks(items: list[tuple], span: int) -> list[list[tuple]]:

@@ -109,10 +109,12 @@ class Decoder:
         with batch.cache.held():  # every due layer compresses after the step, in one batch
             logits = self.model(tokens, position_ids=positions, **cache_arg(self.model, batch.cache), use_cache=True,
                                 logits_to_keep=1).logits
-        batch.cache.compress_due()
-        self.engine.count("decode_steps_total")
+        # The tokens first: choosing them waits for the forward, and the compressions queued after
+        # that run on the GPU while the host goes on to the next step.
         for row, token in zip(batch.rows, choose_tokens(logits[:, -1], [row.sampler for row in batch.rows])):
             row.token = token
+        batch.cache.compress_due()
+        self.engine.count("decode_steps_total")
         going = [i for i, row in enumerate(batch.rows) if self.engine.emit(row)]
         if len(going) < len(batch.rows):
             self._keep(key, going)
