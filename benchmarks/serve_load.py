@@ -14,7 +14,8 @@ holds the whole document (prefill + compression) against one on the registered d
 
 The engine is driven in-process (the HTTP layer of ``chelsea serve`` adds the same small cost to
 every method and is left out). Both methods get the same ``--kv-budget-gib`` for the running
-sequences' caches, and ``--max-batch`` sequences at most. A preset name (``qwen2.5-0.5b``,
+sequences' caches, and ``--max-batch`` sequences at most; ``--cuda-graph`` replays every
+method's decoding steps from CUDA graphs (the full cache's too). A preset name (``qwen2.5-0.5b``,
 ``llama3-8b``, ...) loads the architecture with random weights: right for speed and memory, never
 for accuracy; ``--tokenizer`` then names a tokenizer folder with a chat template (the
 reconstruction prompt of ``chelsea`` needs one).
@@ -158,7 +159,7 @@ def measure_method(engine: Engine, method: str, args, docs: list[list[int]], que
             prompts = [d + questions[i] for i, d in enumerate(docs[: args.distinct_requests])]
             result = run_load(engine, method, ratio, prompts, args.clients, args.max_tokens, None)
         row = {"run": run, "method": method, "ratio": ratio, "scenario": scenario, "context": args.context, "clients": args.clients,
-               "max_tokens": args.max_tokens, "kv_budget_gib": args.kv_budget_gib, "max_batch": args.max_batch,
+               "max_tokens": args.max_tokens, "kv_budget_gib": args.kv_budget_gib, "max_batch": args.max_batch, "cuda_graph": args.cuda_graph,
                "settings": engine.method_settings, **result}
         if scenario == "shared":
             row.update({k: once[k] for k in ("ttft_inline_s", "register_s", "ttft_registered_s", "second_over_first", "document_kv_mib")})
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-budget-gib", type=float, default=4.0)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each batch's decoding step from a CUDA graph")
     parser.add_argument("--methods", default="full,chelsea-paper,chelsea")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--scenarios", default="shared,distinct")
@@ -191,7 +193,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
-    engine = Engine(model, tokenizer, method="full", ratio=0.0, max_queue=max(args.clients, args.distinct_requests) + 4,
+    engine = Engine(model, tokenizer, method="full", ratio=0.0, cuda_graph=args.cuda_graph, max_queue=max(args.clients, args.distinct_requests) + 4,
                     reuse_bytes=64 << 30, max_tokens_limit=args.max_tokens, max_batch=args.max_batch,
                     kv_budget=int(args.kv_budget_gib * 2**30), settings=parse_settings(args.set))
     docs = documents(tokenizer, engine, max(1, args.distinct_requests), args.context)

@@ -11,7 +11,8 @@ runs says which phases keep the GPU waiting. With ``--profile``, per method, the
 compressions and scoring are broken down into the PyTorch operations they run, by the function of
 ``chelsea`` that called each: the host time of each (a wait for the device included: it shows in
 the operation that reads a result back), and what is left for Python itself. Timing every
-operation slows the run. Prints one table per method and writes JSON.
+operation slows the run. With ``--cuda-graph`` (the engine's ``cuda_graph``) the step's forward,
+scoring included, is timed as one replayed phase. Prints one table per method and writes JSON.
 
     python benchmarks/serve_phases.py --model qwen2.5-7b --tokenizer TOKENIZER_DIR --context 32000 \
         --clients 64 --kv-budget-gib 16 --methods chelsea-paper,chelsea --out phases.json
@@ -37,6 +38,7 @@ import serve_load
 from chelsea.cache import ClusteredCache
 from chelsea.cli.options import parse_settings
 from chelsea.models import load_with_tokenizer
+from chelsea.runtime import RowStep
 from chelsea.scoring.learned import LearnedScorer
 from chelsea.serving import Engine
 from chelsea.serving.decoder import Decoder
@@ -119,14 +121,20 @@ def instrument(engine: Engine) -> None:
     _wrap(ClusteredCache, "append_rows", "append_rows")
     _wrap(ClusteredCache, "compress_due", "compress_due")
     _wrap(ClusteredCache, "keep_rows", "keep_rows")
-    _wrap(LearnedScorer, "score_new", "score_new")
     _wrap(PrefillWorker, "_start_on_document", "start_on_document")
     _wrap(PrefillWorker, "_hand_over", "hand_over")
     _wrap(PrefillWorker, "_prefill", "prefill")
+    if engine.cuda_graph:  # the forward and its scoring are recorded in a graph: time the replayed step as a whole
+        _wrap(RowStep, "forward", "forward")
+        _wrap(RowStep, "compress_due", "compress_due")
+    else:
+        _wrap(LearnedScorer, "score_new", "score_new")
     model = engine.model
     forward = model.forward
 
     def timed_forward(*args, **kwargs):
+        if engine.cuda_graph and _thread() == "decode":  # inside a recording: no synchronisation there
+            return forward(*args, **kwargs)
         with phase("forward"):
             return forward(*args, **kwargs)
 
@@ -192,6 +200,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-budget-gib", type=float, default=16.0)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--cuda-graph", action="store_true", help="replay each batch's decoding step from a CUDA graph")
     parser.add_argument("--methods", default="chelsea-paper,chelsea")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
@@ -204,7 +213,7 @@ def main() -> None:
     args.questions, args.distinct_requests, args.scenarios = 1, 1, "shared"
 
     model, tokenizer = load_with_tokenizer(args.model, args.tokenizer)
-    engine = Engine(model, tokenizer, method="full", ratio=0.0, max_queue=args.clients + 4, reuse_bytes=64 << 30,
+    engine = Engine(model, tokenizer, method="full", ratio=0.0, cuda_graph=args.cuda_graph, max_queue=args.clients + 4, reuse_bytes=64 << 30,
                     max_tokens_limit=args.max_tokens, max_batch=args.max_batch, kv_budget=int(args.kv_budget_gib * 2**30),
                     settings=parse_settings(args.set))
     instrument(engine)

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import chelsea
 from chelsea import ChelseaError, ClusteredCache, CompressionConfig
 from chelsea.compat import cache_arg
+from chelsea.runtime import RowStep
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +39,14 @@ def _decode_alone(model, cache, first, steps):
     # the layers remove different numbers of entries from spans of the same length
     ("chelsea", 0.8, (450, 520, 400), (0.8, 1.0, 1.3)),
 ])
-@pytest.mark.parametrize("deferred", [False, True], ids=["in-forward", "after-step"])
+@pytest.mark.parametrize("deferred", [False, True, "pinned"], ids=["in-forward", "after-step", "pinned"])
 def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, shares, deferred):
     """Rows of different lengths join at different steps and one leaves early; every row's greedy
     tokens equal its own decoding (clustering included: each row keeps its own schedule), whether
     each layer clusters during the forward or every due layer together after it (the server,
     whose due rows of all layers go through the method together, also when their layers remove
-    different numbers of entries)."""
+    different numbers of entries), or the batch decodes pinned (:class:`chelsea.runtime.RowStep`,
+    what a server replays from a CUDA graph; eager here), compressing in place."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 300, (1, n)) for n in lengths]
     chosen = chelsea.get_method(method, decode_span=16) if shares else method
@@ -64,7 +66,11 @@ def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, shar
         batch.append_rows(prefilled[0])
         batch.append_rows(prefilled[1])
         current, out, left = torch.cat(firsts[:2]), [[int(firsts[0])], [int(firsts[1])]], None
+        pinned = None
         for step in range(70):
+            if pinned is not None and step in (10, 40):  # rows join or leave: the buffers may move
+                pinned.close()
+                pinned = None
             if step == 10:  # a third request joins
                 batch.append_rows(prefilled[2])
                 current = torch.cat([current, firsts[2]])
@@ -74,14 +80,21 @@ def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, shar
                 batch.keep_rows([0, 2])
                 current, left = current[[0, 2]], out.pop(1)
                 assert batch.stats()["kv_bytes"] <= before * 2 / 3  # its row, and padding only it needed, are freed
-            positions = torch.tensor(batch.row_positions())[:, None]
-            with batch.held() if deferred else contextlib.nullcontext():
-                logits = model(current[:, None], **cache_arg(model, batch), position_ids=positions, use_cache=True).logits
-            if deferred:
-                batch.compress_due()
+            if deferred == "pinned":
+                pinned = pinned or RowStep(model, batch, cuda_graph=False, headroom=8)
+                logits = pinned.forward(current[:, None])
+                pinned.compress_due()
+            else:
+                positions = torch.tensor(batch.row_positions())[:, None]
+                with batch.held() if deferred else contextlib.nullcontext():
+                    logits = model(current[:, None], **cache_arg(model, batch), position_ids=positions, use_cache=True).logits
+                if deferred:
+                    batch.compress_due()
             current = logits[:, -1].argmax(-1)
             for row, token in zip(out, current.tolist()):
                 row.append(token)
+    if pinned is not None:
+        pinned.close()
     assert out[0] == alone[0]
     assert left == alone[1][:41]
     assert out[1] == alone[2][:61]

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -371,3 +372,32 @@ def test_the_servers_method_settings_shape_every_cache_it_makes(tiny_model_dir):
         assert engine._new_cache("kvzip", 0.5).method.name == "kvzip"
     finally:
         engine.close()
+
+
+def test_cuda_graph_steps_need_a_gpu(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if model.device.type != "cuda":
+        with pytest.raises(ChelseaError, match="cuda_graph needs the model on a CUDA device"):
+            Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_steps_replayed_from_cuda_graphs_answer_as_eager_steps(tiny_model_dir):
+    """Requests of several methods, joining and leaving the running batches at different steps:
+    with every batch's step replayed from a CUDA graph (recorded again as rows come and go) each
+    answer equals the eager engine's."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answers = []
+    for graph in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval().to("cuda")
+        engine = Engine(model, tokenizer, method="chelsea", ratio=0.5, max_queue=8, max_tokens_limit=80, cuda_graph=graph)
+        try:
+            jobs = [Job(engine.completion_ids(f"{DOC[: 200 + 60 * i]}\n\nQuestion {i}:", None), method, 0.5, 20 + 15 * i,
+                        ignore_eos=True) for i in range(3) for method in ("chelsea", "chelsea-paper", "full")]
+            for job in jobs:
+                engine.submit(job)
+            answers.append([_tokens(job) for job in jobs])
+        finally:
+            engine.close()
+    assert answers[0] == answers[1]
+    assert all(len(t) == 20 + 15 * (i // 3) for i, t in enumerate(answers[1]))

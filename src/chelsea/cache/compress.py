@@ -40,9 +40,6 @@ def compress_together(layers: list) -> None:
             layer.row_since = [0] * len(layer.row_since)
         if layer.length == 0:
             continue
-        if layer.has_padding and layer.pinned:
-            layer._compress_padded()
-            continue
         if layer.has_padding:
             padded.append(layer)
             continue
@@ -150,7 +147,7 @@ def _padded_rows(layers: list) -> None:
                 removed[layer] = max(removed[layer], span - k)
                 lengths[layer].append(item[2] - span + k)
     for layer, count in removed.items():
-        if count:
+        if count and not layer.pinned:  # a pinned layer's buffers stay; re-pinning frees the padding
             # every row still holds at least its compressed length, so the shared padding in front
             # is at most the layer's length minus the longest row compressed now
             layer._drop_leading_padding(at_most=layer.length - max(lengths[layer]))

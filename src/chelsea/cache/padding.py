@@ -135,31 +135,6 @@ class Padding:
         for name, t in zip(self._buffers, left_padded(row, self._buffers, self.length - row[0].shape[2])):
             getattr(self, name)[b : b + 1, :, : self.length] = t
 
-    def _compress_padded(self) -> None:
-        """Pinned rows with padding: cluster each due row's real entries alone, then rebuild the
-        rows left-padded to one length in the same buffers (unpinned layers batch their rows
-        through :func:`compress_together`)."""
-        jobs = {b: (self._real_entries(b, stored, contiguous), n_remove, start)
-                for b, stored, n_remove, start, contiguous in self._due_rows()}
-        if not jobs:
-            self._record(0)
-            return
-        valid = self.log_counts[:, 0] > float("-inf")
-        rows, removed = [], 0
-        for b in range(self.keys.shape[0]):
-            idx = jobs[b][0] if b in jobs else valid[b].nonzero().squeeze(-1)
-            row = self._row(b, idx)
-            if b in jobs:
-                _, n_remove, start = jobs[b]
-                out = self._run(tuple(t[:, :, start:] for t in row), n_remove, sinks=0 if start else None)
-                row = tuple(torch.cat([t[:, :, :start], o], dim=2) for t, o in zip(row, out))
-                removed = max(removed, idx.numel() - row[0].shape[2])
-            rows.append(row)
-        length = max(r[0].shape[2] for r in rows)
-        rows = [left_padded(r, self._buffers, length - r[0].shape[2]) for r in rows]
-        self._store(*(torch.cat([r[i] for r in rows]) for i in range(len(rows[0]))))
-        self._record(removed)
-
     def _drop_leading_padding(self, at_most: int | None = None) -> None:
         """Free the leading entries that are padding in every row (the buffers shrink to fit).
 

@@ -76,6 +76,8 @@ class Pinning:
         self.length += new
         self.seen += new
         self.since_compression += new
+        if self.row_since is not None:
+            self.row_since = [since + new for since in self.row_since]
         self.new_tokens = new
 
     def repin(self, before: int) -> None:

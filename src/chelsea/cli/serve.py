@@ -26,6 +26,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most, over all running batches (requests join between decoding steps).")] = 16,
     kv_budget_gib: Annotated[Optional[float], typer.Option("--kv-budget-gib", help="KV memory the running requests may hold together; a request waits until its estimated peak fits (default: no limit).")] = None,
     max_body_mib: Annotated[float, typer.Option("--max-body-mib", help="Largest request body; larger ones are refused (413) before they are read.")] = 8.0,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay each running batch's decoding step from a CUDA graph, recorded again whenever requests join or leave (GPU only).")] = False,
     settings: SetOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -57,7 +58,7 @@ def serve(
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     engine = Engine(lm, tokenizer, method=method, ratio=ratio, max_queue=max_queue,
                     reuse_bytes=int(reuse_gib * (1 << 30)), max_tokens_limit=max_tokens_limit, max_batch=max_batch,
-                    kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)), settings=method_settings)
+                    kv_budget=None if kv_budget_gib is None else int(kv_budget_gib * (1 << 30)), settings=method_settings, cuda_graph=cuda_graph)
     start = time.perf_counter()
     if engine.prepare():  # the once-per-model calibration now, not in the first request
         typer.echo(f"Calibration of {method} on {model} ready ({time.perf_counter() - start:.1f} s; stored for later runs).", err=True)

@@ -28,6 +28,7 @@ import torch
 from ..cache import ClusteredCache, ClusteredLayer, compress_together
 from ..compat import cache_arg
 from ..errors import ChelseaError
+from ..host import on_device
 
 
 def fuse_layers(model) -> int:
@@ -87,18 +88,20 @@ class GraphDecoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ChelseaError("cuda_graph=True needs the model on a CUDA device")
-        self.headroom, self.warmup = headroom, warmup
+        self.headroom = headroom
         self.token = token.reshape(-1, 1).clone()
         self.state = torch.zeros(1 + len(self.layers), dtype=torch.long, device=self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.recorder = Recorder(self.device, self.cuda_graph, warmup)
         self.logits: torch.Tensor | None = None  # [batch, 1, vocab] of the latest step
-        self.recordings = 0
         self._pin()
 
+    @property
+    def recordings(self) -> int:
+        return self.recorder.recordings
+
     def _pin(self) -> None:
-        self.graph, self._warm = None, 0
-        for i, layer in enumerate(self.layers):
-            layer.pin(layer.length + self.headroom, self.state[1 + i : 2 + i])
+        self.recorder.reset()
+        pin_layers(self.layers, self.state[1:], self.headroom, exact=True)
         self.state[:1].fill_(self.layers[0].seen)
 
     def _body(self) -> None:
@@ -115,41 +118,132 @@ class GraphDecoder:
         next step: clone it to keep it)."""
         if any(layer.length >= layer.capacity for layer in self.layers):
             self._pin()
-        if not self.cuda_graph:
-            self._body()
-        elif self.graph is None and self._warm < self.warmup:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._body()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._warm += 1
-        else:
-            if self.graph is None:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._body()
-                self.recordings += 1
-            self.graph.replay()
-        due = []
+        self.recorder.run(self._body)
         for layer in self.layers:
             layer.advance(1)
-            if layer.compression_due:
-                due.append((layer, layer.length))
-        if due:
-            compress_together([layer for layer, _ in due])
-            for layer, before in due:
-                layer.repin(before)
+        compress_pinned(self.layers)
         return self.token
 
     def close(self) -> None:
         """Unpin the layers (the cache works with ordinary ``model`` calls again) and drop the graph."""
         for layer in self.layers:
             layer.unpin()
-        self.graph = None
+        self.recorder.reset()
 
     def __enter__(self) -> GraphDecoder:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Recorder:
+    """Runs a step: eagerly without CUDA graphs; else ``warmup`` eager runs on a side stream
+    (Triton compiles, cuBLAS picks its kernels), then one recording, then replays until
+    :meth:`reset` (the step's buffers moved). Recorded with ``thread_local`` capture errors, so
+    another thread (a server's prefill) may use the GPU meanwhile."""
+
+    def __init__(self, device: torch.device, cuda_graph: bool, warmup: int):
+        self.device, self.cuda_graph, self.warmup = device, cuda_graph, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.recordings = 0
+        self._warm = 0
+
+    def reset(self) -> None:
+        self.graph, self._warm = None, 0
+
+    def run(self, body) -> None:
+        if not self.cuda_graph:
+            body()
+        elif self.graph is None and self._warm < self.warmup:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._warm += 1
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    body()
+                self.recordings += 1
+            self.graph.replay()
+
+
+def pin_layers(layers: list, slots: torch.Tensor, headroom: int, exact: bool = False) -> None:
+    """Pin ``layers`` (layer ``i`` writing at ``slots[i]``) with ``headroom`` free entries each
+    (unless ``exact``, a buffer with at least half that room free stays as it is: no copy).
+    Padding that every row shares in front is freed first: pinned compressions leave it (their
+    buffers must not move)."""
+    for i, layer in enumerate(layers):
+        if layer.pinned:
+            layer.unpin()
+            if layer.has_padding:
+                layer._drop_leading_padding()
+        room = layer.capacity - layer.length
+        keep = not exact and room >= max(1, headroom // 2)
+        layer.pin(layer.capacity if keep else layer.length + headroom, slots[i : i + 1])
+
+
+def compress_pinned(layers: list) -> None:
+    """After a pinned step (and ``advance``): compress the due layers in place, then hide what
+    they freed (:meth:`~chelsea.cache.ClusteredLayer.repin`)."""
+    due = [(layer, layer.length) for layer in layers if layer.compression_due]
+    if due:
+        compress_together([layer for layer, _ in due])
+        for layer, before in due:
+            layer.repin(before)
+
+
+class RowStep:
+    """One decoding forward of a batch whose rows sit at their own positions (a server's running
+    batch), with the cache pinned, replayed from a CUDA graph on the GPU.
+
+    The rows' tokens and positions are copied into fixed device tensors before each step; each
+    layer writes at its own device-side slot, which the recorded step advances. Rows joining or
+    leaving move the buffers: :meth:`close` first, then a new ``RowStep`` (recorded again).
+    :meth:`compress_due` compresses the due rows in place after a step.
+    """
+
+    def __init__(self, model, cache: ClusteredCache, *, cuda_graph: bool | None = None, headroom: int = 64, warmup: int = 1):
+        self.layers = list(cache.layers)
+        if not self.layers or not all(isinstance(layer, ClusteredLayer) and layer.is_initialized for layer in self.layers):
+            raise ChelseaError("RowStep needs a prefilled ClusteredCache whose method keeps its entries in clustered layers")
+        self.model, self.cache = model, cache
+        self.device = self.layers[0].device
+        rows = self.layers[0].keys.shape[0]
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.slots = torch.zeros(len(self.layers), dtype=torch.long, device=self.device)
+        self.headroom = headroom
+        self.recorder = Recorder(self.device, self.device.type == "cuda" if cuda_graph is None else cuda_graph, warmup)
+        self.logits: torch.Tensor | None = None
+        pin_layers(self.layers, self.slots, headroom)
+
+    def _body(self) -> None:
+        self.logits = self.model(self.tokens, position_ids=self.positions, **cache_arg(self.model, self.cache), use_cache=True,
+                                 logits_to_keep=1).logits
+        self.slots.add_(1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, 1, vocab]`` for ``tokens`` ``[rows, 1]`` (device), each row at its own
+        next position; the returned tensor is overwritten by the next step."""
+        if any(layer.length >= layer.capacity for layer in self.layers):
+            self.recorder.reset()
+            pin_layers(self.layers, self.slots, self.headroom)
+        self.tokens.copy_(tokens)
+        self.positions.copy_(on_device(self.cache.row_positions(), self.device)[:, None])
+        self.recorder.run(self._body)
+        for layer in self.layers:
+            layer.advance(1)
+        return self.logits
+
+    def compress_due(self) -> None:
+        compress_pinned(self.layers)
+
+    def close(self) -> None:
+        """Unpin the layers (rows may join or leave again) and drop the graph."""
+        for layer in self.layers:
+            layer.unpin()
+        self.recorder.reset()

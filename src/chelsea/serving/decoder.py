@@ -20,6 +20,7 @@ import torch
 from ..cache import ClusteredCache
 from ..compat import cache_arg
 from ..host import on_device
+from ..runtime.decoding import RowStep
 from .protocol import Job
 from .sampling import RowSampler, choose_tokens
 
@@ -36,10 +37,19 @@ class Row:
 
 @dataclass
 class _Batch:
-    """The running rows of one (method, ratio); row ``i`` of ``cache`` belongs to ``rows[i]``."""
+    """The running rows of one (method, ratio); row ``i`` of ``cache`` belongs to ``rows[i]``.
+    ``graph``: its pinned step, replayed from a CUDA graph (the engine's ``cuda_graph``), from
+    its first step until rows join or leave."""
 
     cache: ClusteredCache
     rows: list[Row] = field(default_factory=list)
+    graph: RowStep | None = None
+
+    def unpin(self) -> None:
+        """Let rows join or leave: the pinned step's buffers may move now."""
+        if self.graph is not None:
+            self.graph.close()
+            self.graph = None
 
 
 class Decoder:
@@ -87,6 +97,7 @@ class Decoder:
             block = False
             _claim(cache)
             batch = self.batches.setdefault(key, _Batch(cache.empty_like()))
+            batch.unpin()
             batch.cache.append_rows(cache)
             batch.rows += rows
             self.peak_running = max(self.peak_running, self.running)
@@ -105,15 +116,23 @@ class Decoder:
                 return
         device = self.model.device
         tokens = on_device([[row.token] for row in batch.rows], device)
-        positions = on_device(batch.cache.row_positions(), device)[:, None]
-        with batch.cache.held():  # every due layer compresses after the step, in one batch
-            logits = self.model(tokens, position_ids=positions, **cache_arg(self.model, batch.cache), use_cache=True,
-                                logits_to_keep=1).logits
+        if self.engine.cuda_graph:
+            if batch.graph is None:
+                batch.graph = RowStep(self.model, batch.cache, cuda_graph=True)
+            logits = batch.graph.forward(tokens)
+        else:
+            positions = on_device(batch.cache.row_positions(), device)[:, None]
+            with batch.cache.held():  # every due layer compresses after the step, in one batch
+                logits = self.model(tokens, position_ids=positions, **cache_arg(self.model, batch.cache), use_cache=True,
+                                    logits_to_keep=1).logits
         # The tokens first: choosing them waits for the forward, and the compressions queued after
         # that run on the GPU while the host goes on to the next step.
         for row, token in zip(batch.rows, choose_tokens(logits[:, -1], [row.sampler for row in batch.rows])):
             row.token = token
-        batch.cache.compress_due()
+        if batch.graph is not None:
+            batch.graph.compress_due()
+        else:
+            batch.cache.compress_due()
         self.engine.count("decode_steps_total")
         going = [i for i, row in enumerate(batch.rows) if self.engine.emit(row)]
         if len(going) < len(batch.rows):
@@ -121,6 +140,7 @@ class Decoder:
 
     def _keep(self, key: tuple[str, float], rows: list[int]) -> None:
         batch = self.batches[key]
+        batch.unpin()
         if not rows:
             del self.batches[key]  # and its memory with it
             return

@@ -60,12 +60,15 @@ class Engine(PrefillWorker):
 
     def __init__(self, model, tokenizer, *, method: str = "chelsea", ratio: float = 0.8, max_queue: int = 16,
                  reuse_bytes: int = 8 << 30, max_tokens_limit: int = 1024, max_batch: int = 16, kv_budget: int | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, cuda_graph: bool = False):
         if max_batch < 1:
             raise ChelseaError(f"max_batch must be at least 1; got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.method, self.ratio = method, ratio
         self.method_settings = dict(settings or {})
+        if cuda_graph and model.device.type != "cuda":
+            raise ChelseaError("cuda_graph needs the model on a CUDA device")
+        self.cuda_graph = cuda_graph  # decoding steps replayed from CUDA graphs (chelsea.runtime.RowStep)
         check_settings_known(servable_methods(), self.method_settings)
         self.prompts = PromptBuilder(tokenizer)
         self.scheduler = Scheduler(model, max_queue=max_queue, max_batch=max_batch, kv_budget=kv_budget,
