@@ -25,27 +25,34 @@ try:
 except ImportError:
     triton = None
 
-COLUMNS = 15  # of the table: 3 addresses, batch row, stored length, real entries, 3 x 3 strides
+# The table, one row of 15 numbers per item: the key, value and statistics buffers' addresses, the batch
+# row, the layer's stored length, the row's real entries, then the (row, head, entry) strides of the key,
+# value and statistics buffers.
 
 
 if triton is not None:
 
     @triton.jit
-    def _read_spans_kernel(Table, KOut, VOut, COut, heads, span, dim, dim_v, channels,
-                           so_i, so_h, so_n, vo_i, vo_h, vo_n, co_i, co_h, co_n,
-                           D: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+    def _item(Table, heads, K, V, C):
+        """This program's item and head; the row's key, value and statistics bases and entry
+        strides; the layer's stored length and the row's real entries (the table's columns)."""
         ih = tl.program_id(0)
         item = (ih // heads).to(tl.int64)
         h = (ih % heads).to(tl.int64)
         row = Table + item * 15
-        keys = tl.load(row).to(tl.pointer_type(KOut.dtype.element_ty))
-        values = tl.load(row + 1).to(tl.pointer_type(VOut.dtype.element_ty))
-        counts = tl.load(row + 2).to(tl.pointer_type(COut.dtype.element_ty))
-        b, start = tl.load(row + 3), tl.load(row + 4) - span
-        k_base = keys + b * tl.load(row + 6) + h * tl.load(row + 7)
-        v_base = values + b * tl.load(row + 9) + h * tl.load(row + 10)
-        c_base = counts + b * tl.load(row + 12) + h * tl.load(row + 13)
-        k_step, v_step, c_step = tl.load(row + 8), tl.load(row + 11), tl.load(row + 14)
+        b = tl.load(row + 3)
+        k_base = tl.load(row).to(tl.pointer_type(K.dtype.element_ty)) + b * tl.load(row + 6) + h * tl.load(row + 7)
+        v_base = tl.load(row + 1).to(tl.pointer_type(V.dtype.element_ty)) + b * tl.load(row + 9) + h * tl.load(row + 10)
+        c_base = tl.load(row + 2).to(tl.pointer_type(C.dtype.element_ty)) + b * tl.load(row + 12) + h * tl.load(row + 13)
+        return (item, h, k_base, v_base, c_base, tl.load(row + 8), tl.load(row + 11), tl.load(row + 14), tl.load(row + 4),
+                tl.load(row + 5))
+
+    @triton.jit
+    def _read_spans_kernel(Table, KOut, VOut, COut, heads, span, dim, dim_v, channels,
+                           so_i, so_h, so_n, vo_i, vo_h, vo_n, co_i, co_h, co_n,
+                           D: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+        item, h, k_base, v_base, c_base, k_step, v_step, c_step, length, stored = _item(Table, heads, KOut, VOut, COut)
+        start = length - span
         ko, vo, co = KOut + item * so_i + h * so_h, VOut + item * vo_i + h * vo_h, COut + item * co_i + h * co_h
         d, dv, c = tl.arange(0, D)[None, :], tl.arange(0, DV)[None, :], tl.arange(0, CH)[None, :]
         for j0 in tl.range(0, span, BN):
@@ -61,19 +68,8 @@ if triton is not None:
     def _rewrite_rows_kernel(Table, Kept, KT, VT, CT, heads, span, dim, dim_v, channels,
                              st_i, st_h, st_n, vt_i, vt_h, vt_n, ct_i, ct_h, ct_n,
                              D: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
-        ih = tl.program_id(0)
-        item = (ih // heads).to(tl.int64)
-        h = (ih % heads).to(tl.int64)
-        row = Table + item * 15
-        keys = tl.load(row).to(tl.pointer_type(KT.dtype.element_ty))
-        values = tl.load(row + 1).to(tl.pointer_type(VT.dtype.element_ty))
-        counts = tl.load(row + 2).to(tl.pointer_type(CT.dtype.element_ty))
-        b, length, stored = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        item, h, k_base, v_base, c_base, k_step, v_step, c_step, length, stored = _item(Table, heads, KT, VT, CT)
         kept = tl.load(Kept + item)
-        k_base = keys + b * tl.load(row + 6) + h * tl.load(row + 7)
-        v_base = values + b * tl.load(row + 9) + h * tl.load(row + 10)
-        c_base = counts + b * tl.load(row + 12) + h * tl.load(row + 13)
-        k_step, v_step, c_step = tl.load(row + 8), tl.load(row + 11), tl.load(row + 14)
         d, dv, c = tl.arange(0, D)[None, :], tl.arange(0, DV)[None, :], tl.arange(0, CH)[None, :]
         removed = span - kept
         first, end = length - stored, length - span  # the entries before the span: [first, end)
