@@ -17,6 +17,9 @@ When a layer fills its headroom the buffers are re-pinned larger and the step re
 With ``cuda_graph=False`` (always on the CPU) the same pinned step runs eagerly, which is how the
 CPU tests check the pinned path against ordinary decoding.
 
+:class:`RowStep` is the same for a server's running batch (``chelsea serve --cuda-graph``): each
+row at its own position, tokens chosen on the host, recorded again whenever rows join or leave.
+
 What remains of a replayed step is mostly the weights' matrix products, the attention kernel and
 many tiny element-wise kernels; :func:`fuse_layers` compiles the decoder layers so the latter fuse.
 """
