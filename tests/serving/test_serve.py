@@ -401,3 +401,34 @@ def test_steps_replayed_from_cuda_graphs_answer_as_eager_steps(tiny_model_dir):
             engine.close()
     assert answers[0] == answers[1]
     assert all(len(t) == 20 + 15 * (i // 3) for i, t in enumerate(answers[1]))
+
+
+def test_a_step_that_cannot_be_replayed_runs_eagerly_from_then_on(tiny_model_dir, monkeypatch, caplog):
+    """If a batch's step cannot be pinned or recorded on a machine, the engine warns once and
+    decodes eagerly: the answers are those of an engine without CUDA graphs."""
+    from chelsea.runtime import RowStep
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answers = []
+    for broken in (False, True):
+        engine = Engine(model, tokenizer, method="chelsea", ratio=0.5, max_queue=4)
+        if broken:
+            def fail(self, tokens):
+                self.layers[0].awaiting_attention = True  # as a recording stopped inside the forward leaves it
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+            monkeypatch.setattr(RowStep, "forward", fail)
+            engine.cuda_graph = True  # the CPU engine refuses the option itself
+        try:
+            jobs = [Job(engine.completion_ids(f"{DOC[:300]}\n\nQuestion {i}:", None), "chelsea", 0.5, 40, ignore_eos=True)
+                    for i in range(2)]
+            with caplog.at_level("WARNING", logger="chelsea.serving.decoder"):
+                for job in jobs:
+                    engine.submit(job)
+                answers.append([_tokens(job) for job in jobs])
+            assert engine.cuda_graph is False
+        finally:
+            engine.close()
+    assert answers[0] == answers[1] and all(len(t) == 40 for t in answers[1])
+    assert sum("cannot be replayed from a CUDA graph" in r.getMessage() for r in caplog.records) == 1

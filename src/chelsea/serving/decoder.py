@@ -11,6 +11,7 @@ end of sequence, stop, client gone) leave and their memory is freed
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from ..host import on_device
 from ..runtime.decoding import RowStep
 from .protocol import Job
 from .sampling import RowSampler, choose_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,11 +119,8 @@ class Decoder:
                 return
         device = self.model.device
         tokens = on_device([[row.token] for row in batch.rows], device)
-        if self.engine.cuda_graph:
-            if batch.graph is None:
-                batch.graph = RowStep(self.model, batch.cache, cuda_graph=True)
-            logits = batch.graph.forward(tokens)
-        else:
+        logits = self._replayed(batch, tokens) if self.engine.cuda_graph else None
+        if logits is None:
             positions = on_device(batch.cache.row_positions(), device)[:, None]
             with batch.cache.held():  # every due layer compresses after the step, in one batch
                 logits = self.model(tokens, position_ids=positions, **cache_arg(self.model, batch.cache), use_cache=True,
@@ -137,6 +137,22 @@ class Decoder:
         going = [i for i, row in enumerate(batch.rows) if self.engine.emit(row)]
         if len(going) < len(batch.rows):
             self._keep(key, going)
+
+    def _replayed(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The step's logits from the batch's CUDA graph; ``None`` (and eager steps from then on,
+        with a warning) if it cannot be pinned, recorded or replayed on this machine."""
+        try:
+            if batch.graph is None:
+                batch.graph = RowStep(self.model, batch.cache, cuda_graph=True)
+            return batch.graph.forward(tokens)
+        except Exception as err:  # noqa: BLE001 - a model or build whose step cannot be recorded
+            log.warning("decoding steps cannot be replayed from a CUDA graph here (%s); running them eagerly from now on", err)
+            self.engine.cuda_graph = False
+            batch.graph = None
+            for layer in batch.cache.layers:  # pinned or not, and not waiting for a forward that stopped inside
+                layer.unpin()
+                layer.awaiting_attention = False
+            return None
 
     def _keep(self, key: tuple[str, float], rows: list[int]) -> None:
         batch = self.batches[key]
