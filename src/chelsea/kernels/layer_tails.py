@@ -25,6 +25,17 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
+    def copy_entries(dst, dst_step, src, src_step, n, width, W: tl.constexpr, BN: tl.constexpr):
+        """Entries ``0..n-1`` of ``src`` (``width`` contiguous elements each, ``src_step`` apart)
+        to ``dst`` (``dst_step`` apart), ``BN`` entries at a time; ``W``: ``width`` rounded up to a
+        power of two."""
+        w = tl.arange(0, W)[None, :]
+        for j0 in tl.range(0, n, BN):
+            j = j0 + tl.arange(0, BN)[:, None]
+            m = (j < n) & (w < width)
+            tl.store(dst + j * dst_step + w, tl.load(src + j * src_step + w, mask=m), mask=m)
+
+    @triton.jit
     def _read_tails_kernel(Table, KOut, VOut, heads, n, dim, dim_v, so_l, so_b, so_h, so_n, sv_l, sv_b, sv_h, sv_n,
                            D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr):
         bh = tl.program_id(0)  # rows x heads first: the grid's first dimension is the one without a 65,535 cap
@@ -40,14 +51,8 @@ if triton is not None:
         k_step, v_step = tl.load(row + 6), tl.load(row + 9)
         ko = KOut + layer.to(tl.int64) * so_l + b * so_b + h * so_h
         vo = VOut + layer.to(tl.int64) * sv_l + b * sv_b + h * sv_h
-        d = tl.arange(0, D)[None, :]
-        dv = tl.arange(0, DV)[None, :]
-        for j0 in tl.range(0, n, BN):
-            j = j0 + tl.arange(0, BN)[:, None]
-            mk = (j < n) & (d < dim)
-            tl.store(ko + j * so_n + d, tl.load(k_base + (start + j) * k_step + d, mask=mk), mask=mk)
-            mv = (j < n) & (dv < dim_v)
-            tl.store(vo + j * sv_n + dv, tl.load(v_base + (start + j) * v_step + dv, mask=mv), mask=mv)
+        copy_entries(ko, so_n, k_base + start * k_step, k_step, n, dim, D, BN)
+        copy_entries(vo, sv_n, v_base + start * v_step, v_step, n, dim_v, DV, BN)
 
     @triton.jit
     def _write_tails_kernel(Table, Scores, heads, n, channel, ss_l, ss_b, ss_h, ss_n, BN: tl.constexpr):

@@ -31,6 +31,7 @@ except ImportError:
 
 
 if triton is not None:
+    from .layer_tails import copy_entries
 
     @triton.jit
     def _item(Table, heads, K, V, C):
@@ -53,16 +54,9 @@ if triton is not None:
                            D: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
         item, h, k_base, v_base, c_base, k_step, v_step, c_step, length, stored = _item(Table, heads, KOut, VOut, COut)
         start = length - span
-        ko, vo, co = KOut + item * so_i + h * so_h, VOut + item * vo_i + h * vo_h, COut + item * co_i + h * co_h
-        d, dv, c = tl.arange(0, D)[None, :], tl.arange(0, DV)[None, :], tl.arange(0, CH)[None, :]
-        for j0 in tl.range(0, span, BN):
-            j = j0 + tl.arange(0, BN)[:, None]
-            m = (j < span) & (d < dim)
-            tl.store(ko + j * so_n + d, tl.load(k_base + (start + j) * k_step + d, mask=m), mask=m)
-            m = (j < span) & (dv < dim_v)
-            tl.store(vo + j * vo_n + dv, tl.load(v_base + (start + j) * v_step + dv, mask=m), mask=m)
-            m = (j < span) & (c < channels)
-            tl.store(co + j * co_n + c, tl.load(c_base + (start + j) * c_step + c, mask=m), mask=m)
+        copy_entries(KOut + item * so_i + h * so_h, so_n, k_base + start * k_step, k_step, span, dim, D, BN)
+        copy_entries(VOut + item * vo_i + h * vo_h, vo_n, v_base + start * v_step, v_step, span, dim_v, DV, BN)
+        copy_entries(COut + item * co_i + h * co_h, co_n, c_base + start * c_step, c_step, span, channels, CH, BN)
 
     @triton.jit
     def _rewrite_rows_kernel(Table, Kept, KT, VT, CT, heads, span, dim, dim_v, channels,
@@ -87,14 +81,10 @@ if triton is not None:
             tl.store(v_base + (j + removed) * v_step + dv, v, mask=mv)
             tl.store(c_base + (j + removed) * c_step + c, s, mask=mc)
             tl.debug_barrier()
-        kt, vt, ct = KT + item * st_i + h * st_h, VT + item * vt_i + h * vt_h, CT + item * ct_i + h * ct_h
-        for j0 in tl.range(0, kept, BN):  # the compressed span, at the row's end
-            j = j0 + tl.arange(0, BN)[:, None]
-            mk, mv, mc = (j < kept) & (d < dim), (j < kept) & (dv < dim_v), (j < kept) & (c < channels)
-            slot = length - kept + j
-            tl.store(k_base + slot * k_step + d, tl.load(kt + j * st_n + d, mask=mk), mask=mk)
-            tl.store(v_base + slot * v_step + dv, tl.load(vt + j * vt_n + dv, mask=mv), mask=mv)
-            tl.store(c_base + slot * c_step + c, tl.load(ct + j * ct_n + c, mask=mc), mask=mc)
+        tail = length - kept  # the compressed span goes to the row's end
+        copy_entries(k_base + tail * k_step, k_step, KT + item * st_i + h * st_h, st_n, kept, dim, D, BN)
+        copy_entries(v_base + tail * v_step, v_step, VT + item * vt_i + h * vt_h, vt_n, kept, dim_v, DV, BN)
+        copy_entries(c_base + tail * c_step, c_step, CT + item * ct_i + h * ct_h, ct_n, kept, channels, CH, BN)
         for j0 in tl.range(0, removed, BN):  # padding where the first entries were: zero keys and
             j = j0 + tl.arange(0, BN)[:, None]  # values, log-count -inf, every other statistic 0
             mk, mv, mc = (j < removed) & (d < dim), (j < removed) & (dv < dim_v), (j < removed) & (c < channels)
