@@ -109,6 +109,50 @@ def test_pinned_steps_score_their_token_like_ordinary_steps(learned):
         torch.testing.assert_close(mine.scores, ref.scores, rtol=1e-4, atol=1e-4)
 
 
+def test_a_pinned_batch_of_joined_rows_decodes_and_scores_like_the_servers_eager_step(learned):
+    """Rows of two lengths joined in one batch, 40 steps with compressions on each row's own
+    schedule: the pinned step (:class:`chelsea.runtime.RowStep`, what ``chelsea serve --cuda-graph``
+    replays; eager here) gives the eager step's tokens, and its layers the same entries and scores."""
+    from chelsea.runtime import RowStep
+
+    model, tokenizer, cache, scorer = learned
+    runs = []
+    for pinned in (False, True):
+        batch = cache.empty_like()
+        firsts = []
+        with torch.no_grad():
+            for n in (300, 220):
+                part = cache.empty_like()
+                ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+                firsts.append(compress_context(model, part, ids, tokenizer)[:, -1:].argmax(-1))
+                batch.append_rows(part)
+            token, tokens = torch.cat(firsts), []
+            joined = sum(layer.compressions for layer in batch.layers)
+            step = RowStep(model, batch, cuda_graph=False, headroom=8) if pinned else None
+            for _ in range(40):
+                if step is not None:
+                    logits = step.forward(token)
+                    step.compress_due()
+                else:
+                    positions = torch.tensor(batch.row_positions())[:, None]
+                    with batch.held():
+                        logits = model(token, position_ids=positions, **cache_arg(model, batch), use_cache=True).logits
+                    batch.compress_due()
+                token = logits[:, -1:].argmax(-1)
+                tokens.append(token[:, 0].tolist())
+            if step is not None:
+                step.close()
+        assert sum(layer.compressions for layer in batch.layers) > joined  # decoding compressed the rows
+        runs.append((tokens, batch))
+    (eager, ref), (mine, batch) = runs
+    assert mine == eager
+    for a, b in zip(batch.layers, ref.layers):
+        real_a, real_b = a.log_counts > float("-inf"), b.log_counts > float("-inf")
+        assert torch.equal(real_a.sum(-1), real_b.sum(-1))
+        torch.testing.assert_close(a.keys[real_a], b.keys[real_b])
+        torch.testing.assert_close(a.scores[real_a], b.scores[real_b], rtol=1e-4, atol=1e-4)
+
+
 def test_a_long_forward_scored_layer_by_layer_in_pieces_gets_the_stacked_scores(learned, monkeypatch):
     """Entries too many to stack (a batched prefill through the hooks) are scored one layer at a
     time, in pieces of a bounded size; the scores are the ones one batched product gives."""
