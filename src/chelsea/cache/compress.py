@@ -117,41 +117,44 @@ def _padded_rows(layers: list) -> None:
         spans = _row_spans(items, span)
         blocks = [items] if spans is not None else _blocks(items, span)
         parts = [spans.read()] if spans is not None else [_read_block(block, span) for block in blocks]
-        removes = [item[4] for block in blocks for item in block]
+        ordered = [item for block in blocks for item in block]  # the rows of what the method returns
+        removes = [item[4] for item in ordered]
         amount = removes[0] if len(set(removes)) == 1 else removes
         out = items[0][0]._run(tuple(torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)), amount,
                                sinks=0 if local else None)
         lo, hi = region_bounds(span, 0 if local else items[0][0].config.sink_tokens, items[0][0].config.window)
+        kept = [span - min(n_remove, hi - lo) if not isinstance(amount, int) else out[0].shape[2] for *_, n_remove, _ in ordered]
         if spans is not None:
-            kept = [span - min(n_remove, hi - lo) if not isinstance(amount, int) else out[0].shape[2] for *_, n_remove, _ in items]
             spans.rewrite(out, kept)
-            for (layer, _, stored, *_), k in zip(items, kept):
-                removed[layer] = max(removed[layer], span - k)
-                lengths[layer].append(stored - span + k)
-            continue
-        first = 0
-        for block in blocks:
-            layer, mine = block[0][0], tuple(t[first : first + len(block)] for t in out)
-            first += len(block)
-            kept = [span - min(n_remove, hi - lo) if not isinstance(amount, int) else mine[0].shape[2] for *_, n_remove, _ in block]
-            if block[0][5]:
-                layer._rewrite_tails([item[1] for item in block], [item[2] for item in block], span, kept, mine)
-            else:
-                (_, b, stored, start, _, contiguous), = block
-                idx = layer._real_entries(b, stored, contiguous)
-                row = tuple(t[:, :, : kept[0]] for t in mine)
-                if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
-                    row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
-                layer._write_row(b, row)
-            for item, k in zip(block, kept):
-                removed[layer] = max(removed[layer], span - k)
-                lengths[layer].append(item[2] - span + k)
+        else:
+            _write_blocks(blocks, span, out, kept)
+        for (layer, _, stored, *_), k in zip(ordered, kept):
+            removed[layer] = max(removed[layer], span - k)
+            lengths[layer].append(stored - span + k)
     for layer, count in removed.items():
         if count and not layer.pinned:  # a pinned layer's buffers stay; re-pinning frees the padding
             # every row still holds at least its compressed length, so the shared padding in front
             # is at most the layer's length minus the longest row compressed now
             layer._drop_leading_padding(at_most=layer.length - max(lengths[layer]))
         layer._record(count)
+
+
+def _write_blocks(blocks: list[list[tuple]], span: int, out: tuple[torch.Tensor, ...], kept: list[int]) -> None:
+    """Write each block's compressed rows (its part of ``out``, the first ``kept`` entries of each)
+    back into its layer, right-aligned: a layer's contiguous rows in one rewrite, others one by one."""
+    first = 0
+    for block in blocks:
+        layer, mine, mine_kept = block[0][0], tuple(t[first : first + len(block)] for t in out), kept[first : first + len(block)]
+        first += len(block)
+        if block[0][5]:
+            layer._rewrite_tails([item[1] for item in block], [item[2] for item in block], span, mine_kept, mine)
+        else:
+            (_, b, stored, start, _, contiguous), = block
+            idx = layer._real_entries(b, stored, contiguous)
+            row = tuple(t[:, :, : mine_kept[0]] for t in mine)
+            if start:  # the entries before the re-compressed span, read once, ahead of the rewrite
+                row = tuple(torch.cat([t, r], dim=2) for t, r in zip(layer._row(b, idx[:start]), row))
+            layer._write_row(b, row)
 
 
 def _row_spans(items: list[tuple], span: int) -> RowSpans | None:
