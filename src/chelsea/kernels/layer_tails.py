@@ -128,11 +128,21 @@ class LayerTails:
             self.table(), stats, heads, n, channel, *stats.stride(), BN=min(128, triton.next_power_of_2(n)))
 
 
-def _uniform(keys: list[torch.Tensor], values: list[torch.Tensor], counts: list[torch.Tensor]) -> bool:
-    """Whether one launch can serve every layer: one device, one dtype per buffer kind, each
-    entry's last dimension contiguous, statistics with a channel dimension."""
+def same_layout(keys: list[torch.Tensor], values: list[torch.Tensor], counts: list[torch.Tensor]) -> bool:
+    """Whether one table-driven launch can serve all these buffers (one layer's each): one
+    device, one dtype per buffer kind, statistics of one rank, the same heads and entry sizes,
+    each entry's last dimension contiguous."""
     k0, v0, c0 = keys[0], values[0], counts[0]
-    return all(k.device == k0.device and k.dtype == k0.dtype and v.dtype == v0.dtype and c.dtype == c0.dtype
-               and k.shape[:2] == k0.shape[:2] and k.shape[3] == k0.shape[3] and v.shape[3] == v0.shape[3]
-               and v.shape[:2] == k0.shape[:2] and c.dim() == 4 and k.stride(3) == 1 and v.stride(3) == 1 and c.stride(3) == 1
+    return all(k.device == k0.device and v.device == k0.device and c.device == k0.device
+               and k.dtype == k0.dtype and v.dtype == v0.dtype and c.dtype == c0.dtype and c.dim() == c0.dim()
+               and k.shape[1] == k0.shape[1] and v.shape[1] == k0.shape[1] and c.shape[1] == k0.shape[1]
+               and k.shape[3:] == k0.shape[3:] and v.shape[3:] == v0.shape[3:] and c.shape[3:] == c0.shape[3:]
+               and k.stride(3) == 1 and v.stride(3) == 1 and (c.dim() == 3 or c.stride(3) == 1)
                for k, v, c in zip(keys, values, counts))
+
+
+def _uniform(keys: list[torch.Tensor], values: list[torch.Tensor], counts: list[torch.Tensor]) -> bool:
+    """Whether one launch (one stack) can serve every layer's tail: :func:`same_layout`, the same
+    batch rows, statistics with a channel dimension."""
+    return (same_layout(keys, values, counts) and counts[0].dim() == 4
+            and all(k.shape[0] == keys[0].shape[0] and v.shape[0] == keys[0].shape[0] for k, v in zip(keys, values)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..host import on_device
+from .layer_tails import same_layout
 
 try:
     import triton
@@ -113,17 +114,11 @@ class RowSpans:
 
     @staticmethod
     def applies(keys: list[torch.Tensor], values: list[torch.Tensor], counts: list[torch.Tensor]) -> bool:
-        """Whether the kernels take these buffers: CUDA, one device and dtype per buffer kind,
-        the same heads and entry sizes, each entry's last dimension contiguous."""
+        """Whether the kernels take these buffers: on CUDA, of one layout
+        (:func:`~chelsea.kernels.layer_tails.same_layout`)."""
         if triton is None or not keys or not keys[0].is_cuda:
             return False
-        k0, v0, c0 = keys[0], values[0], counts[0]
-        return all(k.device == k0.device and v.device == k0.device and c.device == k0.device
-                   and k.dtype == k0.dtype and v.dtype == v0.dtype and c.dtype == c0.dtype and c.dim() == c0.dim()
-                   and k.shape[1] == k0.shape[1] and v.shape[1] == k0.shape[1] and c.shape[1] == k0.shape[1]
-                   and k.shape[3:] == k0.shape[3:] and v.shape[3:] == v0.shape[3:] and c.shape[3:] == c0.shape[3:]
-                   and k.stride(3) == 1 and v.stride(3) == 1 and (c.dim() == 3 or c.stride(3) == 1)
-                   for k, v, c in zip(keys, values, counts))
+        return same_layout(keys, values, counts)
 
     def _sizes(self) -> dict:
         dim, dim_v, channels = self.keys[0].shape[3], self.values[0].shape[3], self.counts[0].shape[3]
