@@ -126,7 +126,6 @@ def instrument(engine: Engine) -> None:
     _wrap(PrefillWorker, "_prefill", "prefill")
     if engine.cuda_graph:  # the forward and its scoring are recorded in a graph: time the replayed step as a whole
         _wrap(RowStep, "forward", "forward")
-        _wrap(RowStep, "compress_due", "compress_due")
     else:
         _wrap(LearnedScorer, "score_new", "score_new")
     model = engine.model

@@ -83,7 +83,7 @@ def test_joined_rows_decode_exactly_as_alone(model, method, ratio, lengths, shar
             if deferred == "pinned":
                 pinned = pinned or RowStep(model, batch, cuda_graph=False, headroom=8)
                 logits = pinned.forward(current[:, None])
-                pinned.compress_due()
+                batch.compress_due()
             else:
                 positions = torch.tensor(batch.row_positions())[:, None]
                 with batch.held() if deferred else contextlib.nullcontext():

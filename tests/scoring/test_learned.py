@@ -132,7 +132,7 @@ def test_a_pinned_batch_of_joined_rows_decodes_and_scores_like_the_servers_eager
             for _ in range(40):
                 if step is not None:
                     logits = step.forward(token)
-                    step.compress_due()
+                    batch.compress_due()
                 else:
                     positions = torch.tensor(batch.row_positions())[:, None]
                     with batch.held():

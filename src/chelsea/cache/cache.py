@@ -84,10 +84,15 @@ class ClusteredCache(Cache):
     def compress_due(self) -> None:
         """Compress the layers whose compression is due, all together (after a decoding step run
         under :meth:`held`: one batch of compressions instead of one per layer, same results,
-        since a layer's entries are not read again in the step that made them due)."""
-        due = [layer for layer in self._clustered() if layer.compression_due]
+        since a layer's entries are not read again in the step that made them due). Pinned
+        layers (a step replayed from a CUDA graph) compress in place and then hide what they freed
+        (:meth:`ClusteredLayer.repin`)."""
+        due = [(layer, layer.length) for layer in self._clustered() if layer.compression_due]
         if due:
-            compress_together(due)
+            compress_together([layer for layer, _ in due])
+            for layer, before in due:
+                if layer.pinned:
+                    layer.repin(before)
 
     def compress_all(self) -> None:
         """Compress every layer to its budget now (each layer's ``share`` of the budget beyond

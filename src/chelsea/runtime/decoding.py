@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import ClusteredCache, ClusteredLayer, compress_together
+from ..cache import ClusteredCache, ClusteredLayer
 from ..compat import cache_arg
 from ..errors import ChelseaError
 from ..host import on_device
@@ -124,7 +124,7 @@ class GraphDecoder:
         self.recorder.run(self._body)
         for layer in self.layers:
             layer.advance(1)
-        compress_pinned(self.layers)
+        self.cache.compress_due()
         return self.token
 
     def close(self) -> None:
@@ -189,16 +189,6 @@ def pin_layers(layers: list, slots: torch.Tensor, headroom: int, exact: bool = F
         layer.pin(layer.capacity if keep else layer.length + headroom, slots[i : i + 1])
 
 
-def compress_pinned(layers: list) -> None:
-    """After a pinned step (and ``advance``): compress the due layers in place, then hide what
-    they freed (:meth:`~chelsea.cache.ClusteredLayer.repin`)."""
-    due = [(layer, layer.length) for layer in layers if layer.compression_due]
-    if due:
-        compress_together([layer for layer, _ in due])
-        for layer, before in due:
-            layer.repin(before)
-
-
 class RowStep:
     """One decoding forward of a batch whose rows sit at their own positions (a server's running
     batch), with the cache pinned, replayed from a CUDA graph on the GPU.
@@ -206,7 +196,7 @@ class RowStep:
     The rows' tokens and positions are copied into fixed device tensors before each step; each
     layer writes at its own device-side slot, which the recorded step advances. Rows joining or
     leaving move the buffers: :meth:`close` first, then a new ``RowStep`` (recorded again).
-    :meth:`compress_due` compresses the due rows in place after a step.
+    After a step, the cache's ``compress_due`` compresses the due rows in place.
     """
 
     def __init__(self, model, cache: ClusteredCache, *, cuda_graph: bool | None = None, headroom: int = 64, warmup: int = 1):
@@ -241,9 +231,6 @@ class RowStep:
         for layer in self.layers:
             layer.advance(1)
         return self.logits
-
-    def compress_due(self) -> None:
-        compress_pinned(self.layers)
 
     def close(self) -> None:
         """Unpin the layers (rows may join or leave again) and drop the graph."""

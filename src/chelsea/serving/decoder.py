@@ -129,10 +129,7 @@ class Decoder:
         # that run on the GPU while the host goes on to the next step.
         for row, token in zip(batch.rows, choose_tokens(logits[:, -1], [row.sampler for row in batch.rows])):
             row.token = token
-        if batch.graph is not None:
-            batch.graph.compress_due()
-        else:
-            batch.cache.compress_due()
+        batch.cache.compress_due()
         self.engine.count("decode_steps_total")
         going = [i for i, row in enumerate(batch.rows) if self.engine.emit(row)]
         if len(going) < len(batch.rows):
