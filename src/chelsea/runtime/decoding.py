@@ -63,7 +63,34 @@ def fuse_layers(model) -> int:
     return len(layers)
 
 
-class GraphDecoder:
+class _Pinned:
+    """What :class:`GraphDecoder` and :class:`RowStep` share: pinned ``layers`` and a
+    :class:`Recorder` whose step the host then accounts for."""
+
+    layers: list
+    recorder: Recorder
+
+    def _run(self, body) -> None:
+        """Run (or replay) the step, then advance every layer's host-side counters by one token."""
+        self.recorder.run(body)
+        for layer in self.layers:
+            layer.advance(1)
+
+    def close(self) -> None:
+        """Unpin the layers (the cache works with ordinary ``model`` calls, and rows may join or
+        leave, again) and drop the graph."""
+        for layer in self.layers:
+            layer.unpin()
+        self.recorder.reset()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GraphDecoder(_Pinned):
     """Greedy decoding of a batch after its prefill, one token per call of :meth:`step`.
 
     Args:
@@ -121,23 +148,9 @@ class GraphDecoder:
         next step: clone it to keep it)."""
         if any(layer.length >= layer.capacity for layer in self.layers):
             self._pin()
-        self.recorder.run(self._body)
-        for layer in self.layers:
-            layer.advance(1)
+        self._run(self._body)
         self.cache.compress_due()
         return self.token
-
-    def close(self) -> None:
-        """Unpin the layers (the cache works with ordinary ``model`` calls again) and drop the graph."""
-        for layer in self.layers:
-            layer.unpin()
-        self.recorder.reset()
-
-    def __enter__(self) -> GraphDecoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class Recorder:
@@ -189,7 +202,7 @@ def pin_layers(layers: list, slots: torch.Tensor, headroom: int, exact: bool = F
         layer.pin(layer.capacity if keep else layer.length + headroom, slots[i : i + 1])
 
 
-class RowStep:
+class RowStep(_Pinned):
     """One decoding forward of a batch whose rows sit at their own positions (a server's running
     batch), with the cache pinned, replayed from a CUDA graph on the GPU.
 
@@ -227,13 +240,5 @@ class RowStep:
             pin_layers(self.layers, self.slots, self.headroom)
         self.tokens.copy_(tokens)
         self.positions.copy_(on_device(self.cache.row_positions(), self.device)[:, None])
-        self.recorder.run(self._body)
-        for layer in self.layers:
-            layer.advance(1)
+        self._run(self._body)
         return self.logits
-
-    def close(self) -> None:
-        """Unpin the layers (rows may join or leave again) and drop the graph."""
-        for layer in self.layers:
-            layer.unpin()
-        self.recorder.reset()
