@@ -63,18 +63,23 @@ class _OpTimer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        row = _ops[(self.phase, _caller(), func.overloadpacket.__name__)]
+        row = _ops[(self.phase, caller(), func.overloadpacket.__name__)]
         row[0] += time.perf_counter() - start
         row[1] += 1
         return out
 
 
-def _caller() -> str:
-    frame = sys._getframe(2)
+def caller(packages: tuple[str, ...] = ("chelsea",), depth: int = 2) -> str:
+    """``file:function`` of the innermost frame (from ``depth`` frames up: the code that ran an
+    operation, called from ``__torch_dispatch__``) in one of ``packages``: its path from the
+    package on, named after the package when there are several; ``"?"`` if none."""
+    frame = sys._getframe(depth)
     while frame is not None:
         name = frame.f_code.co_filename.replace("\\", "/")
-        if "/chelsea/" in name:
-            return name.rsplit("/chelsea/", 1)[1] + ":" + frame.f_code.co_name
+        for package in packages:
+            if f"/{package}/" in name:
+                where = name.rsplit(f"/{package}/", 1)[1] + ":" + frame.f_code.co_name
+                return f"{package}/{where}" if len(packages) > 1 else where
         frame = frame.f_back
     return "?"
 

@@ -28,6 +28,7 @@ import chelsea
 from chelsea import ClusteredCache, CompressionConfig
 from chelsea.compat import cache_arg
 from chelsea.models import PRESETS
+from serve_phases import caller
 
 
 class _Counter(TorchDispatchMode):
@@ -36,19 +37,8 @@ class _Counter(TorchDispatchMode):
         self.ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[_caller()] += 1
+        self.ops[caller(("chelsea", "transformers"))] += 1
         return func(*args, **(kwargs or {}))
-
-
-def _caller() -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename.replace("\\", "/")
-        for package in ("chelsea", "transformers"):
-            if f"/{package}/" in name:
-                return f"{package}/{name.rsplit(f'/{package}/', 1)[1]}:{frame.f_code.co_name}"
-        frame = frame.f_back
-    return "other"
 
 
 def main() -> None:
