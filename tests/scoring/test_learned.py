@@ -173,7 +173,7 @@ def test_a_long_forward_scored_layer_by_layer_in_pieces_gets_the_stacked_scores(
         torch.testing.assert_close(mine.scores, ref.scores, rtol=1e-5, atol=1e-6)
 
 
-def test_a_fitted_scorer_is_stored_and_reused_and_other_weights_or_settings_fit_again(learned, monkeypatch):
+def test_a_fitted_scorer_is_stored_and_reused_and_other_weights_or_teacher_settings_fit_again(learned, monkeypatch):
     import chelsea.scoring.learned as module
 
     model, tokenizer, cache, scorer = learned
@@ -183,7 +183,10 @@ def test_a_fitted_scorer_is_stored_and_reused_and_other_weights_or_settings_fit_
     monkeypatch.setattr(module, "train_learned", lambda *a, **k: pytest.fail("fitted again"))
     found = find_learned(twin, tokenizer, cache)
     assert all(torch.equal(a, b) for a, b in zip(found.weights, scorer.weights))
-    other_settings = ClusteredCache(ratio=0.8, window=32, importance="learned")
+    # the cache's own sinks and window do not matter (the teacher keeps its own): no second fit
+    other_region = ClusteredCache(ratio=0.5, window=32, sink_tokens=2, importance="learned")
+    assert find_learned(twin, tokenizer, other_region) is found
+    other_settings = ClusteredCache(ratio=0.8, window=16, fact_heads=2, importance="learned")
     assert stored_path(model, "learned", learned_key(other_settings.config, other_settings.method), suffix="pt") != path
     with torch.no_grad():
         twin.model.layers[0].self_attn.v_proj.weight.mul_(2.0)

@@ -24,12 +24,13 @@ The fit is ridge regression in closed form over the teacher's scores on :data:`~
 TRAINING_PROMPTS` prompts (essays of the calibration set with planted codes, and code-like text:
 :func:`.calibration.training_prompts`), deterministic for a seed; two more prompts are held out to
 measure how well the predicted ranking agrees with the teacher's. It runs once per model and
-settings, on first use or with ``chelsea calibrate``, and is stored like the fact heads
+teacher settings (whatever the cache's sinks and window: the teacher keeps its own), on first use or with ``chelsea calibrate``, and is stored like the fact heads
 (:mod:`.store`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,12 +41,14 @@ from tqdm.auto import tqdm
 from ..cache import ClusteredCache, ClusteredLayer
 from ..errors import ChelseaError
 from ..kernels import fused_scoring_applies, score_tails
+from ..settings import CompressionConfig
 from .budgets import score_profile, split_budgets
 from .calibration import TRAINING_LENGTH, TRAINING_PROMPTS, training_prompts
 from .fact_heads import consensus, find_fact_heads, lend_ranks
 from .store import shipped_path, stored_path
 
 LEARNED_VERSION = 2  # raise when the fit changes, so stored scorers are not reused
+TEACHER_REGION = (4, 64)  # the teacher's sinks and window (the defaults): the fit does not depend on the cache's own
 HELD_OUT = 2
 STACK_ELEMENTS = 1 << 22  # new key elements of all layers together up to which they are scored in one batched product
 CHUNK_ELEMENTS = 1 << 24  # key elements per product beyond which a layer's entries are scored in pieces (bounds the features' memory)
@@ -70,10 +73,18 @@ def _own_scores(y: torch.Tensor) -> torch.Tensor:
 
 
 def learned_key(config, method) -> tuple:
-    """What a learned scorer depends on: the teacher's settings (and the fit's version)."""
+    """What a learned scorer depends on: the teacher's settings (and the fit's version). Not the
+    cache's sinks and window: the teacher always protects :data:`TEACHER_REGION`'s, so one scorer
+    serves every choice of them (a new ``--window`` does not fit again)."""
     imp = method.scoring
-    return (LEARNED_VERSION, imp.output_norm, config.sink_tokens, config.window, imp.fact_heads, imp.fact_layers,
-            imp.surprise_weight, imp.repeat_chunk)
+    return (LEARNED_VERSION, imp.output_norm, *TEACHER_REGION, imp.fact_heads, imp.fact_layers, imp.surprise_weight, imp.repeat_chunk)
+
+
+def teacher_config(config: CompressionConfig, length: int) -> CompressionConfig:
+    """``config`` with the teacher's sinks and window (:data:`TEACHER_REGION`; the window at most an
+    eighth of a ``length``-token training prompt, so short prompts keep a region to learn from)."""
+    sinks, window = TEACHER_REGION
+    return dataclasses.replace(config, sink_tokens=sinks, window=min(window, length // 8))
 
 
 @dataclass
@@ -303,7 +314,7 @@ def train_learned(model, tokenizer, cache, *, prompts: int = TRAINING_PROMPTS, l
     start = time.perf_counter()
     longest = getattr(model.config, "max_position_embeddings", None)
     length = min(length, longest // 2) if isinstance(longest, int) else length
-    teacher = ClusteredCache(cache.config, method=cache.method.replace(importance="local", repeat_depth="all", score_layers="all",
+    teacher = ClusteredCache(teacher_config(cache.config, length), method=cache.method.replace(importance="local", repeat_depth="all", score_layers="all",
                                                                        layer_budgets="scores"))
     heads = find_fact_heads(model, tokenizer, teacher)
     ids = training_prompts(tokenizer, count=prompts + HELD_OUT, length=length, seed=seed).to(model.device)
