@@ -24,8 +24,8 @@ The fit is ridge regression in closed form over the teacher's scores on :data:`~
 TRAINING_PROMPTS` prompts (essays of the calibration set with planted codes, and code-like text:
 :func:`.calibration.training_prompts`), deterministic for a seed; two more prompts are held out to
 measure how well the predicted ranking agrees with the teacher's. It runs once per model and
-teacher settings (whatever the cache's sinks and window: the teacher keeps its own), on first use or with ``chelsea calibrate``, and is stored like the fact heads
-(:mod:`.store`).
+teacher settings (whatever the cache's sinks and window: the teacher keeps its own), on first use
+or with ``chelsea calibrate``, and is stored like the fact heads (:mod:`.store`).
 """
 
 from __future__ import annotations
@@ -314,8 +314,8 @@ def train_learned(model, tokenizer, cache, *, prompts: int = TRAINING_PROMPTS, l
     start = time.perf_counter()
     longest = getattr(model.config, "max_position_embeddings", None)
     length = min(length, longest // 2) if isinstance(longest, int) else length
-    teacher = ClusteredCache(teacher_config(cache.config, length), method=cache.method.replace(importance="local", repeat_depth="all", score_layers="all",
-                                                                       layer_budgets="scores"))
+    teacher = ClusteredCache(teacher_config(cache.config, length),
+                             method=cache.method.replace(importance="local", repeat_depth="all", score_layers="all", layer_budgets="scores"))
     heads = find_fact_heads(model, tokenizer, teacher)
     ids = training_prompts(tokenizer, count=prompts + HELD_OUT, length=length, seed=seed).to(model.device)
     sums: list[list[torch.Tensor]] = []
