@@ -248,6 +248,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         return run_one(model, method, ratio, context, batch, tokens, cuda_graph=cuda_graph, prefill_batch=prefill_batch, fused=fuse,
                        tokenizer=words, settings=settings)
     limit = getattr(model.config, "max_position_embeddings", None)
+    longest = None if limit is None else limit - decode_tokens - 2  # the decoded tokens (and one spare each side) need room
+    too_long = [c for c in contexts if longest is not None and c > longest]
+    if too_long:
+        raise ChelseaError(f"--contexts {too_long[0]} leaves no room for {decode_tokens} decoded tokens in {model_name}'s context "
+                           f"of {limit} tokens: use at most {longest}")
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
@@ -263,8 +268,6 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         return {"device": device_name, "model": model_name, "date": stamp, "world_size": world_size(), "device_map": device_map}
 
     for context in contexts:
-        if limit is not None and context + decode_tokens + 2 > limit:
-            raise ChelseaError(f"--contexts {context} exceeds {model_name}'s context of {limit} tokens")
         if max_batch is not None:
             records += _search(one, methods, ratios, context, max_batch, base(), progress)
             continue
