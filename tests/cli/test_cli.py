@@ -144,7 +144,6 @@ def test_bench_rejects_bad_lists():
     assert out.returncode == 2 and "--methods" in out.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bench_refuses_a_context_without_room_for_decoding_before_it_runs(tiny_model_dir):
     """The tiny model's context is 512 tokens; a 512-token prompt leaves no room for the 32
     decoded tokens, and the error names the longest context that fits."""
@@ -153,6 +152,7 @@ def test_bench_refuses_a_context_without_room_for_decoding_before_it_runs(tiny_m
     assert "use at most 478" in out.stderr and "learned scorer" not in out.stderr  # refused before the warm-up
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_bench_refuses_cuda_graphs_without_cuda(tiny_model_dir):
     out = chelsea_cli("bench", "--model", str(tiny_model_dir), "--contexts", "64", "--cuda-graphs")
     assert out.returncode == 2 and "--no-cuda-graphs" in out.stderr
