@@ -248,11 +248,12 @@ def run(model_name: str, methods: list[str], ratios: list[float], contexts: list
         return run_one(model, method, ratio, context, batch, tokens, cuda_graph=cuda_graph, prefill_batch=prefill_batch, fused=fuse,
                        tokenizer=words, settings=settings)
     limit = getattr(model.config, "max_position_embeddings", None)
-    longest = None if limit is None else limit - decode_tokens - 2  # the decoded tokens (and one spare each side) need room
-    too_long = [c for c in contexts if longest is not None and c > longest]
-    if too_long:
-        raise ChelseaError(f"--contexts {too_long[0]} leaves no room for {decode_tokens} decoded tokens in {model_name}'s context "
-                           f"of {limit} tokens: use at most {longest}")
+    if limit is not None:
+        longest = limit - decode_tokens - 2  # the decoded tokens (and one spare each side) need room
+        too_long = [c for c in contexts if c > longest]
+        if too_long:
+            raise ChelseaError(f"--contexts {too_long[0]} leaves no room for {decode_tokens} decoded tokens in {model_name}'s "
+                               f"context of {limit} tokens: use at most {longest}")
     # One small untimed run of each method first: kernels compile and the allocator grows there,
     # not inside the first timed configuration.
     for method in methods:
