@@ -145,3 +145,32 @@ def test_the_pareto_points_count_bytes_kept_and_average_the_question_tasks(tmp_p
     assert points["masking-peer"] == [(1.0, 1.0)]  # a peer that only masks keeps the full cache's bytes
     plot_pareto(summary, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_a_streamed_cell_fills_a_fixed_budget_before_it_compresses():
+    """The streamed placement's cache keeps the ratio's share of the whole context: its first chunk
+    stays whole (a budget of 20% of the tokens seen so far would cut it to 103 entries), and at the
+    end it holds that share, like the other placements."""
+    from tiny import tiny
+
+    from chelsea import prepare_model
+    from chelsea.compat import cache_arg
+    from chelsea.evaluation.evaluate import Cell, _cache
+    from chelsea.evaluation.tasks import STREAM_CHUNK
+
+    model = prepare_model(tiny("llama"))
+    context = 2600
+    cache = _cache(model, Cell("needle", "streamed", context + 20, "chelsea-paper", 0.8), {"window": 16}, context)
+    assert cache.config.capacity == 520 == cache.config.budget(context)
+    ids = torch.randint(0, 256, (1, context))
+    lengths = []
+    with torch.inference_mode():
+        for start in range(0, context, STREAM_CHUNK):
+            model(ids[:, start : start + STREAM_CHUNK], **cache_arg(model, cache), use_cache=True)
+            lengths.append(cache.layers[0].length)
+    assert lengths[0] == STREAM_CHUNK
+    assert all(length <= 520 for length in lengths[1:]) and lengths[-1] >= 0.9 * 520
+    for placement in ("after", "agnostic"):  # the ratio's share of what was read, as before
+        assert _cache(model, Cell("needle", placement, context + 20, "chelsea-paper", 0.8), {}, context).config.capacity is None
+    explicit = _cache(model, Cell("needle", "streamed", context + 20, "chelsea-paper", 0.8), {"capacity": 300}, context)
+    assert explicit.config.capacity == 300

@@ -20,7 +20,7 @@ def eval_(
     methods: Annotated[str, typer.Option(help=methods_help("Comma-separated methods."))] = "full,chelsea,streaming,snapkv",
     ratios: Annotated[str, typer.Option(help="Comma-separated fractions of the KV cache removed.")] = "0.5,0.8",
     lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "1024,2048",
-    placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives), streamed (context appended in chunks of 512 tokens, each compressed as it arrives).")] = "after,before",
+    placements: Annotated[str, typer.Option(help="Comma-separated: after (question after the context), before (question first), agnostic (context compressed before the question arrives), streamed (context appended in chunks of 512 tokens, each compressed as it arrives, into a cache whose capacity is the ratio's share of the whole context unless --capacity sets one).")] = "after,before",
     samples: Annotated[int, typer.Option(help="Samples per cell (same seeds for every method).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts run together (same length, no padding).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the task generators.")] = 0,

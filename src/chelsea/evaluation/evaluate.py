@@ -16,6 +16,7 @@ every token after the first.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -98,14 +99,24 @@ def load_rows(out_dir: Path) -> list[dict]:
 SHARED = frozenset(CompressionConfig.__dataclass_fields__) - {"ratio"}
 
 
-def _cache(model, cell: Cell, settings: dict):
-    """A fresh cache for the cell, the model switched to its attention."""
+def _cache(model, cell: Cell, settings: dict, context: int | None = None):
+    """A fresh cache for the cell, the model switched to its attention.
+
+    A ``streamed`` cell's cache gets a fixed capacity, the ratio's share of the whole ``context``
+    (unless ``--capacity`` sets another): as a chat server with a memory budget would, it fills up
+    to the budget before it compresses, so early chunks are not cut to a share of the few tokens
+    seen so far; at the end it holds as many entries as the other placements, and never more
+    than that budget plus one chunk.
+    """
     use_method(model, cell.method)
     if cell.method == "full":
         return make_cache("full")
     shared = {k: v for k, v in settings.items() if k in SHARED}
     own = {k: v for k, v in settings.items() if k not in SHARED}
-    return make_cache(configure(cell.method, own), CompressionConfig(ratio=cell.ratio or 0.0, **shared))
+    config = CompressionConfig(ratio=cell.ratio or 0.0, **shared)
+    if cell.placement == "streamed" and context is not None and config.capacity is None and config.ratio > 0:
+        config = dataclasses.replace(config, capacity=config.budget(context))
+    return make_cache(configure(cell.method, own), config)
 
 
 def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict) -> list[dict]:
@@ -113,13 +124,14 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
 
     ``agnostic`` samples (and every sample of an importance-ranked method) are prefilled and
     compressed up to their context's end first (:func:`chelsea.scoring.compress_context`);
-    ``streamed`` samples read their context in chunks of :data:`STREAM_CHUNK` tokens, each
-    compressed as it arrives, with no pass over the whole context; ``generate`` then reads the rest
+    ``streamed`` samples read their context in chunks of :data:`STREAM_CHUNK` tokens into a cache
+    of fixed capacity (:func:`_cache`), each compressed as it arrives, with no pass over the whole
+    context; ``generate`` then reads the rest
     of the prompt into the compressed cache and answers.
     """
-    ids, cache = torch.tensor([s.input_ids for s in samples], device=model.device), _cache(model, cell, settings)
-    new_tokens = max(s.max_new_tokens for s in samples)
     split = samples[0].context_end
+    ids, cache = torch.tensor([s.input_ids for s in samples], device=model.device), _cache(model, cell, settings, split)
+    new_tokens = max(s.max_new_tokens for s in samples)
     question = split is None and cell.placement == "after"  # the compressed prompt ends with the question
     if split is None and cell.method != "full" and cache.method.scores == "importance":
         split = ids.shape[1] - 1
