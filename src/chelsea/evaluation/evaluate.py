@@ -126,8 +126,7 @@ def _answer(model, tokenizer, samples: list[Sample], cell: Cell, settings: dict)
     compressed up to their context's end first (:func:`chelsea.scoring.compress_context`);
     ``streamed`` samples read their context in chunks of :data:`STREAM_CHUNK` tokens into a cache
     of fixed capacity (:func:`_cache`), each compressed as it arrives, with no pass over the whole
-    context; ``generate`` then reads the rest
-    of the prompt into the compressed cache and answers.
+    context; ``generate`` then reads the rest of the prompt into the compressed cache and answers.
     """
     split = samples[0].context_end
     ids, cache = torch.tensor([s.input_ids for s in samples], device=model.device), _cache(model, cell, settings, split)
